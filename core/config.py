@@ -257,6 +257,7 @@ class AdapterConfig:
     method: str = "lora"
     layers: Any = "all"
     settings: Settings = field(default_factory=LoraSettings)
+    arch: dict | None = None  # a hand-written architecture row for models not in core.arch's table
 
     def __post_init__(self) -> None:
         if isinstance(self.settings, dict):
@@ -293,19 +294,22 @@ class AdapterConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "layers": _plain(self.layers), "settings": self.settings.to_dict()}
+        out = {"method": self.method, "layers": _plain(self.layers), "settings": self.settings.to_dict()}
+        if self.arch:
+            out["arch"] = self.arch
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         data = dict(data)
-        unknown = sorted(set(data) - {"method", "layers", "settings"})
+        unknown = sorted(set(data) - {"method", "layers", "settings", "arch"})
         if unknown:
-            raise ConfigError(unknown[0], "unknown key; expected method, layers, settings")
+            raise ConfigError(unknown[0], "unknown key; expected method, layers, settings, arch")
         method = data.get("method", "lora")
         if method not in METHOD_SETTINGS:
             raise ConfigError("method", f"unknown method {method!r}; known: {', '.join(METHOD_SETTINGS)}")
         return cls(method=method, layers=data.get("layers", "all"),
-                   settings=METHOD_SETTINGS[method].from_dict(data.get("settings")))
+                   settings=METHOD_SETTINGS[method].from_dict(data.get("settings")), arch=data.get("arch"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

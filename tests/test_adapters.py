@@ -1,0 +1,265 @@
+"""Contracts of the adapter engine: every method on every architecture in the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import core
+from core import AdapterConfig, ConfigError
+from core.adapters import LoraLinear
+from tests.tiny import ARCHS, tiny_model, toy_batch
+
+METHODS = {
+    "lora": {},
+    "series": {"bottleneck": 16},
+    "parallel": {"bottleneck": 16},
+    "prefix": {"num_virtual_tokens": 4, "reparam_hidden": 16},
+    "prompt": {"num_virtual_tokens": 4, "init": "random"},
+    "ptuning": {"num_virtual_tokens": 4, "encoder_hidden": 16},
+}
+ZERO_INIT = ("lora", "series", "parallel")
+CASES = [(a, m) for a in ARCHS for m in METHODS]
+
+
+def adapted(arch: str, method: str, **overrides):
+    model = tiny_model(arch)
+    return core.attach(model, AdapterConfig.for_method(method, **{**METHODS[method], **overrides}))
+
+
+def logits(model, batch):
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits
+
+
+def train_steps(model, batch, steps=20, lr=1e-2):
+    model.train()
+    opt = torch.optim.AdamW(core.adapter_params(model), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_init_matches_base_and_disable_is_exact(arch, method):
+    batch = toy_batch()
+    base = logits(tiny_model(arch), batch)
+    model = adapted(arch, method)
+    out = logits(model, batch)
+    assert out.shape == base.shape  # virtual tokens never appear in the logits
+    if method in ZERO_INIT:
+        torch.testing.assert_close(out, base, atol=1e-5, rtol=0)
+    else:
+        assert (out - base).abs().max() > 1e-4  # virtual tokens do change the answer
+    with core.disable_adapters(model):
+        torch.testing.assert_close(logits(model, batch), base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_only_adapter_params_train_and_loss_drops(arch, method):
+    model = adapted(arch, method)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in core.adapter_params(model)}
+    assert trainable
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = train_steps(model, toy_batch())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} changed"
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_save_load_roundtrip_and_generate(arch, method, tmp_path):
+    batch = toy_batch()
+    model = adapted(arch, method)
+    train_steps(model, batch, steps=3)
+    expected = logits(model, batch)
+    core.save_adapter(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["adapter"]["method"] == method and meta["model_type"] == model.config.model_type
+    fresh = core.load_adapter(tiny_model(arch), tmp_path)
+    torch.testing.assert_close(logits(fresh, batch), expected, atol=1e-6, rtol=0)
+
+    # generate() with the KV cache agrees with greedy decoding by full recomputation
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = fresh.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    seq, m = ids, mask
+    for _ in range(4):
+        nxt = logits(fresh, {"input_ids": seq, "attention_mask": m})[:, -1].argmax(-1, keepdim=True)
+        seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_merge_unmerge(arch):
+    batch = toy_batch()
+    model = adapted(arch, "lora")
+    train_steps(model, batch, steps=5)
+    weights = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    unmerged = logits(model, batch)
+    core.merge_adapter(model)
+    core.merge_adapter(model)  # repeat-safe
+    assert all(a.merged for a in core.inject.adapters_of(model))
+    torch.testing.assert_close(logits(model, batch), unmerged, atol=1e-4, rtol=0)
+    with core.disable_adapters(model):
+        torch.testing.assert_close(logits(model, batch), logits(tiny_model(arch), batch), atol=0, rtol=0)
+    core.unmerge_adapter(model)
+    for n, p in model.named_parameters():
+        if n in weights:
+            assert torch.equal(p, weights[n]), n
+    torch.testing.assert_close(logits(model, batch), unmerged, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_export_reproduces_merged_weights(arch, tmp_path):
+    model = adapted(arch, "lora", targets=["q", "k", "v", "o", "up", "down"])
+    train_steps(model, toy_batch(), steps=2)
+    core.export_peft(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 32
+    base = tiny_model(arch)
+    merged = dict(core.merge_adapter(model).named_parameters())
+    for key in [k for k in tensors if k.endswith("lora_A.weight")]:
+        path = key[len("base_model.model."):-len(".lora_A.weight")]
+        A, B = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+        r = cfg["rank_pattern"].get(path, cfg["r"])
+        alpha = cfg["alpha_pattern"].get(path, cfg["lora_alpha"])
+        delta = (B @ A) * (alpha / r)
+        w = base.get_submodule(path).weight.detach()
+        expected = w + (delta.T if cfg["fan_in_fan_out"] else delta)
+        torch.testing.assert_close(merged[f"{path}.base.weight"], expected, atol=1e-6, rtol=0)
+
+
+def test_lora_parameter_count_matches_formula():
+    model = adapted("llama", "lora", r=8)
+    cfg = model.config
+    hidden, inter, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * 8
+    per_layer = 8 * ((hidden + hidden) + 2 * (hidden + kv) + (hidden + inter) + (inter + hidden))
+    assert core.trainable_report(model)["trainable"] == per_layer * cfg.num_hidden_layers
+
+
+def test_fused_qkv_lora_counts_like_separate_layers():
+    fused = core.trainable_report(adapted("gpt2", "lora", targets=["q", "v"]))["trainable"]
+    assert fused == 2 * 32 * (32 + 32) * 2  # two roles, r=32, in=out=32, two layers
+
+
+@pytest.mark.parametrize("placement,count", [("attn", 1), ("mlp", 1), ("both", 2)])
+def test_series_placement(placement, count):
+    model = adapted("llama", "series", placement=placement)
+    assert core.trainable_report(model)["modules"] == 2 * count
+
+
+def test_layer_selection():
+    model = adapted("llama", "lora", targets=["q"], layers="1")
+    assert isinstance(model.model.layers[1].self_attn.q_proj, LoraLinear)
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, LoraLinear)
+
+
+def test_scaled_parallel_learns_its_scale():
+    model = adapted("llama", "parallel", scale="learned")
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("scale")]
+    assert len(names) == 2
+
+
+def test_presets():
+    assert AdapterConfig.preset("AdapterH").settings.placement == "both"
+    assert AdapterConfig.preset("AdapterP").settings.placement == "mlp"
+    assert AdapterConfig.preset("Scaled_Parallel").settings.scale == "learned"
+    assert AdapterConfig.preset("LoRA").method == "lora"
+    with pytest.raises(ConfigError, match="preset"):
+        AdapterConfig.preset("Nope")
+
+
+def test_config_json_roundtrip():
+    for method in METHODS:
+        cfg = AdapterConfig.for_method(method, layers="0-1", **METHODS[method])
+        again = AdapterConfig.from_json(cfg.to_json())
+        assert again == cfg
+
+
+@pytest.mark.parametrize("build,field", [
+    (lambda: AdapterConfig(method="magic"), "method"),
+    (lambda: AdapterConfig.for_method("lora", r=0), "r"),
+    (lambda: AdapterConfig.for_method("lora", dropout=-0.1), "dropout"),
+    (lambda: AdapterConfig.for_method("series", non_linearity="cubic"), "non_linearity"),
+    (lambda: AdapterConfig.for_method("prompt", num_virtual_tokens=0), "num_virtual_tokens"),
+    (lambda: AdapterConfig.for_method("prefix", num_virtual_tokens=0), "num_virtual_tokens"),
+    (lambda: AdapterConfig.for_method("lora", bogus=1), "bogus"),
+])
+def test_invalid_settings_name_the_field(build, field):
+    with pytest.raises(ConfigError) as err:
+        build().validate()
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("cfg,field", [
+    (AdapterConfig.for_method("lora", targets=["gate"]), "targets"),  # GPT-2 has no gated MLP
+    (AdapterConfig.for_method("lora", layers="0-5"), "layers"),      # it has two layers
+    (AdapterConfig.for_method("prefix", layers="0"), "layers"),
+])
+def test_attach_rejects_what_the_model_lacks(cfg, field):
+    with pytest.raises(ConfigError) as err:
+        core.attach(tiny_model("gpt2"), cfg)
+    assert err.value.field == field
+
+
+def test_default_targets_skip_missing_roles():
+    model = core.attach(tiny_model("gpt2"), AdapterConfig())  # q,k,v -> fused c_attn
+    assert isinstance(model.transformer.h[0].attn.c_attn, LoraLinear)
+    assert model.transformer.h[0].attn.c_attn.roles == ["q", "k", "v"]
+
+
+def test_unknown_architecture_lists_layers_then_works_by_hand():
+    model = tiny_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(core.UnsupportedArchitecture) as err:
+        core.attach(model, AdapterConfig())
+    assert "self_attn.q_proj" in str(err.value) and "model.layers" in str(err.value)
+    cfg = AdapterConfig(arch={"layers": "model.layers", "roles": {"q": "self_attn.q_proj", "v": "self_attn.v_proj"}},
+                        settings=core.config.LoraSettings(targets=["q", "v"]))
+    core.attach(model, cfg)
+    assert core.trainable_report(model)["modules"] == 4
+    losses = train_steps(model, toy_batch(), steps=10)
+    assert losses[-1] < losses[0]
+
+
+def test_attach_twice_is_refused_and_detach_restores():
+    batch = toy_batch()
+    model = adapted("llama", "parallel")
+    with pytest.raises(ConfigError):
+        core.attach(model, AdapterConfig())
+    train_steps(model, batch, steps=3)
+    core.detach(model)
+    torch.testing.assert_close(logits(model, batch), logits(tiny_model("llama"), batch), atol=0, rtol=0)
+    assert not core.inject.adapters_of(model)
+
+
+def test_merge_refused_for_non_lora():
+    with pytest.raises(ConfigError, match="LoRA only"):
+        core.merge_adapter(adapted("llama", "series"))
+
+
+def test_model_loss_ignores_virtual_tokens():
+    """The loss with virtual tokens is the mean over the real labelled tokens only."""
+    batch = toy_batch()
+    model = adapted("llama", "prompt")
+    with torch.no_grad():
+        out = model(**batch)
+    logp = out.logits[:, :-1].log_softmax(-1)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    manual = -logp[keep].gather(-1, labels[keep][:, None]).mean()
+    torch.testing.assert_close(out.loss, manual, atol=1e-5, rtol=0)
