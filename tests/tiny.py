@@ -45,3 +45,41 @@ def toy_batch(seed: int = 0, batch: int = 2, length: int = 9) -> dict[str, torch
     ids[0, :3] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (a few hundred tokens) trained in memory on arithmetic-ish text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Below is an instruction that describes a task. Write a response that appropriately completes "
+              "the request. ### Instruction: ### Input: ### Response: The answer is 0 1 2 3 4 5 6 7 8 9 . , "
+              "how many apples does Tom have? He buys more and gives some away, plus minus times total left."] * 4
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_checkpoint(directory, seed: int = 0):
+    """Save a tiny LlamaForCausalLM + tokenizer to ``directory`` (a hub-style local checkpoint)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    tok = tiny_tokenizer()
+    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    T.LlamaForCausalLM(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

@@ -1,0 +1,139 @@
+"""Answers from a base model or an adapted one: streaming chat and side-by-side comparison.
+
+Models are loaded once per process: the base through ``models.get_model``; each adapter on its own
+copy of the base (a 135M model in bf16 is ~270 MB), kept in a small LRU so switching back and forth
+between a few adapters costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from .config import JobSpec, ModelSettings
+from .inject import load_adapter, read_adapter_config
+from .models import get_model
+from .templates import render_prompt
+
+STOP_MARKERS = ("\n### Instruction", "\n### Input", "\n### Response", "\nBelow is an instruction")
+MAX_ADAPTERS_IN_MEMORY = 4
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+
+@dataclass
+class ChatModel:
+    """A model ready to answer: the model, its tokenizer and the prompt template it was trained with."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    template: str = "alpaca"
+    dtype: torch.dtype = torch.float32
+
+
+_lock = threading.Lock()
+_adapted: "OrderedDict[str, ChatModel]" = OrderedDict()
+
+
+def base_chat_model(settings: ModelSettings | None = None, template: str = "alpaca") -> ChatModel:
+    loaded = get_model(settings or ModelSettings())
+    return ChatModel(name=f"base: {loaded.name}", model=loaded.model, tokenizer=loaded.tokenizer,
+                     template=template, dtype=loaded.compute_dtype)
+
+
+def adapter_chat_model(adapter_dir: str | Path, name: str | None = None) -> ChatModel:
+    """The base model of the adapter with the adapter loaded (cached per process)."""
+    key = str(Path(adapter_dir).resolve())
+    with _lock:
+        if key in _adapted:
+            _adapted.move_to_end(key)
+            return _adapted[key]
+    meta = read_adapter_config(adapter_dir)
+    training = meta.get("training", {})
+    spec = JobSpec.from_dict(training["spec"]) if "spec" in training else None
+    settings = spec.model if spec else ModelSettings(name=meta.get("base_model") or ModelSettings().name)
+    loaded = get_model(settings)
+    model = copy.deepcopy(loaded.model)
+    load_adapter(model, adapter_dir, tokenizer=loaded.tokenizer)
+    model.eval()
+    chat = ChatModel(name=name or Path(adapter_dir).parent.name, model=model, tokenizer=loaded.tokenizer,
+                     template=spec.data.template if spec else "alpaca", dtype=loaded.compute_dtype)
+    with _lock:
+        _adapted[key] = chat
+        while len(_adapted) > MAX_ADAPTERS_IN_MEMORY:
+            _adapted.popitem(last=False)
+    return chat
+
+
+class _StopOnMarkers(StoppingCriteria):
+    def __init__(self, tokenizer: Any, start: int):
+        self.tokenizer, self.start = tokenizer, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> bool:
+        text = self.tokenizer.decode(input_ids[0, self.start:][-24:], skip_special_tokens=True)
+        return any(m in text for m in STOP_MARKERS)
+
+
+def _cut(text: str) -> str:
+    for marker in STOP_MARKERS:
+        text = text.split(marker)[0]
+    return text
+
+
+def stream_answer(chat: ChatModel, question: str, settings: GenerationSettings | None = None) -> Iterator[str]:
+    """Yield the answer as it grows (each item is the whole answer so far)."""
+    settings = settings or GenerationSettings()
+    tok = chat.tokenizer
+    prompt = render_prompt(question, "", chat.template, tok)
+    inputs = tok(prompt, return_tensors="pt")
+    device = next(chat.model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    sample = settings.temperature > 0
+    kwargs = dict(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=sample, streamer=streamer,
+                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                  stopping_criteria=StoppingCriteriaList([_StopOnMarkers(tok, inputs["input_ids"].shape[1])]))
+    if sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            enabled = chat.dtype in (torch.bfloat16, torch.float16)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=chat.dtype, enabled=enabled):
+                chat.model.generate(**kwargs)
+        except BaseException as err:  # surfaced to the caller below
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield _cut(text).strip()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def answer(chat: ChatModel, question: str, settings: GenerationSettings | None = None) -> str:
+    result = ""
+    for result in stream_answer(chat, question, settings):
+        pass
+    return result

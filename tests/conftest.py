@@ -1,0 +1,21 @@
+"""Shared fixtures: a tiny LLaMA checkpoint with its own small tokenizer, built offline in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A directory holding a tiny random LlamaForCausalLM and a byte-level BPE tokenizer."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(autouse=True)
+def _workbench_home(tmp_path, monkeypatch):
+    """Every test gets its own WORKBENCH_HOME, so nothing touches the user's data."""
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))

@@ -1,0 +1,180 @@
+"""The training recipe on a tiny checkpoint: files in, adapter out, exact resume, clean stop, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import core
+from core import AdapterConfig, ConfigError, JobSpec
+from core.train import TrainCallbacks, Trainer, latest_checkpoint, plan_epoch, train
+
+ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} + {b} = {a + b}. The answer is {a + b}."}
+        for a in range(1, 7) for b in range(2, 6)]
+
+
+def write_rows(path, rows=ROWS):
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def tiny_spec(model_dir, data_path, **train) -> JobSpec:
+    spec = JobSpec(name="tiny")
+    spec.model.name = str(model_dir)
+    spec.model.precision = "fp32"
+    spec.adapter = AdapterConfig.for_method("lora", r=4, alpha=8)
+    spec.data.source = str(data_path)
+    spec.data.val_size = 4
+    spec.train.batch_size, spec.train.micro_batch_size = 4, 2
+    spec.train.learning_rate, spec.train.warmup_steps = 1e-2, 1
+    spec.train.max_steps, spec.train.eval_every, spec.train.save_every = 6, 3, 3
+    for key, value in train.items():
+        setattr(spec.train, key, value)
+    return spec
+
+
+class Recorder(TrainCallbacks):
+    def __init__(self, stop_after: int | None = None):
+        self.steps, self.evals, self.info = [], [], None
+        self.stop_after = stop_after
+
+    def on_start(self, info):
+        self.info = info
+
+    def on_step(self, report):
+        self.steps.append(report)
+
+    def on_eval(self, report):
+        self.evals.append(report)
+
+    def should_stop(self):
+        return self.stop_after is not None and len(self.steps) >= self.stop_after
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_trains_end_to_end_from_each_file_format(tiny_model_dir, tmp_path, suffix):
+    data = write_rows(tmp_path / f"rows{suffix}")
+    rec = Recorder()
+    result = train(tiny_spec(tiny_model_dir, data, max_steps=8, eval_every=4), tmp_path / "out", rec)
+    assert result.status == "completed" and result.steps == 8
+    assert [r.step for r in rec.steps] == list(range(1, 9))
+    assert rec.steps[-1].loss < rec.steps[0].loss
+    assert [e.step for e in rec.evals] == [4, 8]
+    assert (tmp_path / "out" / "adapter" / "adapter.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "spec.json").read_text())["name"] == "tiny"
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for x in lines if x["type"] == "step") == 8
+    assert rec.info["train_examples"] == len(ROWS) - 4
+
+
+def test_fast_loss_equals_the_models_own_loss(tiny_model_dir, tmp_path):
+    """Logits only at labelled positions give the same loss as the full Hugging Face forward."""
+    trainer = Trainer(tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json")), tmp_path / "out")
+    trainer.setup()
+    examples = trainer.train_data.examples[:3]
+    batch = core.data.collate(examples, trainer.pad_id)
+    with torch.no_grad():
+        fast, count = trainer.batch_loss(batch)
+        reference = trainer.model(**batch).loss
+    assert count == sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
+    torch.testing.assert_close(fast / count, reference, atol=1e-5, rtol=0)
+
+
+def test_prompt_tokens_carry_no_loss(tiny_model_dir, tmp_path):
+    trainer = Trainer(tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json")), tmp_path / "out")
+    trainer.setup()
+    example = trainer.train_data.examples[0]
+    assert example.labels[:example.num_prompt_tokens] == [-100] * example.num_prompt_tokens
+    assert all(x != -100 for x in example.labels[example.num_prompt_tokens:])
+
+
+def test_same_seed_same_losses_and_exact_resume(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "d.json")
+    spec = tiny_spec(tiny_model_dir, data)
+    spec.adapter = AdapterConfig.for_method("lora", r=4, alpha=8, dropout=0.1)  # dropout consumes the RNG
+    full = Recorder()
+    train(spec, tmp_path / "a", full)
+    again = Recorder()
+    train(spec, tmp_path / "b", again)
+    assert [r.loss for r in full.steps] == [r.loss for r in again.steps]
+
+    first = Recorder(stop_after=3)
+    assert train(spec, tmp_path / "c", first).status == "stopped"
+    checkpoint = latest_checkpoint(tmp_path / "c")
+    assert checkpoint is not None and checkpoint.name == "step-3"
+    rest = Recorder()
+    result = train(spec, tmp_path / "c", rest, resume_from=checkpoint)
+    assert result.steps == 6
+    losses = [r.loss for r in first.steps] + [r.loss for r in rest.steps]
+    assert losses == pytest.approx([r.loss for r in full.steps], abs=1e-6)
+
+
+def test_should_stop_leaves_a_loadable_adapter(tiny_model_dir, tmp_path):
+    rec = Recorder(stop_after=2)
+    result = train(tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json")), tmp_path / "out", rec)
+    assert result.status == "stopped" and result.steps == 2
+    from transformers import AutoModelForCausalLM
+    model = core.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
+    assert core.trainable_report(model)["trainable"] > 0
+
+
+@pytest.mark.parametrize("method", ["series", "parallel", "prefix", "prompt", "ptuning"])
+def test_every_method_trains(tiny_model_dir, tmp_path, method):
+    spec = tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json"), max_steps=4, eval_every=0, save_every=0)
+    spec.adapter = AdapterConfig.for_method(method, **({"bottleneck": 8} if method in ("series", "parallel") else
+                                                       {"num_virtual_tokens": 4}))
+    rec = Recorder()
+    assert train(spec, tmp_path / "out", rec).status == "completed"
+    assert all(r.loss == r.loss for r in rec.steps)  # no NaN
+
+
+def test_plan_epoch_groups_lengths_and_is_deterministic():
+    lengths = [i % 50 for i in range(400)]
+    plan = plan_epoch(lengths, 8, seed=1, epoch=0)
+    assert plan == plan_epoch(lengths, 8, seed=1, epoch=0) != plan_epoch(lengths, 8, seed=1, epoch=1)
+    assert sorted(i for b in plan for i in b) == list(range(400))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plan) / len(plan)
+    assert spread < 10  # random batches would spread ~40
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"learning_rate": 0}, "train.learning_rate"),
+    ({"learning_rate": -1e-3}, "train.learning_rate"),
+    ({"micro_batch_size": 8}, "train.micro_batch_size"),
+])
+def test_impossible_settings_fail_before_training(tiny_model_dir, tmp_path, change, field):
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json"), **change), tmp_path / "out")
+    assert err.value.field == field
+
+
+def test_cutoff_below_16_is_refused(tiny_model_dir, tmp_path):
+    spec = tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json"))
+    spec.data.cutoff_len = 8
+    with pytest.raises(ConfigError) as err:
+        train(spec, tmp_path / "out")
+    assert err.value.field == "data.cutoff_len"
+
+
+def test_bad_data_fails_before_training(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="empty"):
+        train(tiny_spec(tiny_model_dir, empty), tmp_path / "out")
+    bad = write_rows(tmp_path / "bad.json", ROWS[:5] + [{"instruction": "x", "output": 3}])
+    with pytest.raises(ValueError, match="6"):
+        train(tiny_spec(tiny_model_dir, bad), tmp_path / "out2")
+    with pytest.raises(ValueError, match="nothing.json"):
+        train(tiny_spec(tiny_model_dir, tmp_path / "nothing.json"), tmp_path / "out3")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
