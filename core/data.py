@@ -72,8 +72,18 @@ def _read_hub(source: str) -> list[Any]:
     return [dict(row) for row in ds]
 
 
-def load_records(source: str, columns: dict[str, str] | None = None, limit: int = 0) -> list[dict[str, str]]:
-    """Load and normalise instruction data; raise ``DataError`` naming the file and row at fault."""
+class Records(list):
+    """Normalised rows; ``skipped`` holds the 1-based numbers of rows left out for an empty response."""
+
+    skipped: list[int]
+
+
+def load_records(source: str, columns: dict[str, str] | None = None, limit: int = 0) -> Records:
+    """Load and normalise instruction data; raise ``DataError`` naming the file and row at fault.
+
+    A row whose instruction or output is missing or not text is an error; a row whose output is an
+    empty string (some public sets have a few) is skipped and its number kept in ``.skipped``.
+    """
     columns = columns or {}
     if source in BUILTIN_FILES:
         path = BUILTIN_FILES[source]
@@ -88,13 +98,18 @@ def load_records(source: str, columns: dict[str, str] | None = None, limit: int 
             raise DataError(f"no such file: {source}")
         else:
             raw, name = _read_hub(source), source
-    records = []
+    records = Records()
+    records.skipped = []
     for n, row in enumerate(raw, 1):
         if limit and len(records) >= limit:
             break
         if not isinstance(row, dict):
             raise DataError(f"{name}: row {n} is not an object")
         rec = {}
+        output_key = columns.get("output", "output")
+        if row.get(output_key) == "" and isinstance(row.get(columns.get("instruction", "instruction")), str):
+            records.skipped.append(n)
+            continue
         for field in FIELDS:
             key = columns.get(field, field)
             value = row.get(key)

@@ -61,14 +61,16 @@ def _build_lora(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: li
             raise ConfigError("targets", f"this architecture has no {role!r} role; it has "
                                          f"{', '.join(_available_roles(spec))}")
     built: dict[str, AdapterModule] = {}
+    share: dict = {}
     for site in _sites(model, spec, plain, layers):
-        built[site.path] = LoraLinear(model.get_submodule(site.path), s.r, s.alpha, s.dropout)
+        built[site.path] = LoraLinear(model.get_submodule(site.path), s.r, s.alpha, s.dropout, dropout_share=share)
     if fused:
         heads = model.config.num_attention_heads
         for site in _sites(model, spec, ["qkv"], layers):
             base = model.get_submodule(site.path)
             index = fused_indices(spec.fused_layout, in_out_features(base)[1], heads)
-            built[site.path] = LoraLinear(base, s.r, s.alpha, s.dropout, {r: index[r] for r in fused})
+            built[site.path] = LoraLinear(base, s.r, s.alpha, s.dropout, {r: index[r] for r in fused},
+                                          dropout_share=share)
     return built
 
 

@@ -140,6 +140,9 @@ class Trainer:
         self.dtype = resolve_dtype(spec.model.precision, self.device)
         loaded = load_model(spec.model, dtype=self.dtype if self.dtype != torch.float32 else None)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        if self.device.type == "cpu" and hasattr(self.model, "set_attn_implementation"):
+            # Measured on SmolLM2 with ~130-token rows: eager attention trains 16% faster than SDPA on CPU.
+            self.model.set_attn_implementation("eager")
 
         records = data_mod.load_records(spec.data.source, spec.data.columns, spec.data.limit)
         train_rows, val_rows = data_mod.split_records(records, spec.data.val_size, t.seed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
+
 from torch import nn
 
 
@@ -35,4 +37,40 @@ class AdapterModule(nn.Module):
 
 
 def make_dropout(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+    return FastDropout(p) if p > 0 else nn.Identity()
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout whose mask costs half the random numbers of ``nn.Dropout`` on a CPU.
+
+    On a CPU the random-number generator, not the arithmetic, is the cost of dropout (a third of a
+    LoRA training step on SmolLM2, measured). Each 32-bit draw here yields two 16-bit uniforms, enough
+    resolution (1/65536) for any dropout rate. Elsewhere it is plain ``F.dropout``.
+
+    Modules given the same ``share`` dict reuse one mask when called on the very same input tensor
+    (LoRA on q, k and v reads one normalised hidden state): one mask instead of three.
+    """
+
+    def __init__(self, p: float, share: dict | None = None):
+        super().__init__()
+        self.p = p
+        self.share = share
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0:
+            return x
+        if self.share is not None and self.share.get("input") is x:
+            return self.share["output"]
+        if x.device.type != "cpu":
+            out = nn.functional.dropout(x, self.p, True)
+        else:
+            n = x.numel()
+            bits = torch.randint(-2**31, 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32).view(torch.int16)[:n]
+            keep = bits.view(x.shape) >= int(-32768 + self.p * 65536)
+            out = x * keep * (1.0 / (1.0 - self.p))
+        if self.share is not None:
+            self.share["input"], self.share["output"] = x, out
+        return out
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

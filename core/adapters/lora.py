@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import in_out_features, is_conv1d
-from .base import AdapterModule, make_dropout
+from .base import AdapterModule, FastDropout
 
 
 class LoraLinear(AdapterModule):
@@ -25,15 +25,17 @@ class LoraLinear(AdapterModule):
         base: the frozen ``nn.Linear`` or ``Conv1D``.
         r, alpha, dropout: rank, scaling numerator, input dropout.
         slices: ``None`` to adapt the whole output, or ``{role: output indices}`` for a fused layer.
+        dropout_share: a dict shared by the LoRA modules of one model, so that those reading the same
+            input tensor share one dropout mask (see ``FastDropout``).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float,
-                 slices: dict[str, torch.Tensor] | None = None):
+                 slices: dict[str, torch.Tensor] | None = None, dropout_share: dict | None = None):
         super().__init__()
         self.base = base
         self.r = r
         self.scaling = alpha / r
-        self.dropout = make_dropout(dropout)
+        self.dropout = FastDropout(dropout, dropout_share) if dropout > 0 else nn.Identity()
         self.transposed = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         fan_in, fan_out = in_out_features(base)
         self.roles = list(slices) if slices else []
