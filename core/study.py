@@ -1,0 +1,244 @@
+"""Studies: the LLM-Adapters empirical study as one action — a grid of adapters, placements and values.
+
+A study is a base ``JobSpec`` (model, data, training and evaluation settings) and a grid: methods x
+placements x hyperparameter values x seeds. ``expand`` turns it into one ``JobSpec`` per cell, each
+labelled with its coordinates; ``analyse`` turns per-cell results (accuracy and per-question
+correctness) into the paper's tables, with a McNemar test of the best configuration against the
+runner-up. Pure functions: the jobs layer stores and runs the cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import AdapterConfig, ConfigError, JobSpec, METHOD_SETTINGS
+
+# Where each method can sit, in the paper's terms. LoRA placements are sets of target roles.
+PLACEMENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "lora": {"attn": {"targets": ["q", "k", "v", "o"]}, "mlp": {"targets": ["up", "down"]},
+             "both": {"targets": ["q", "k", "v", "o", "up", "down"]}},
+    "series": {p: {"placement": p} for p in ("attn", "mlp", "both")},
+    "parallel": {p: {"placement": p} for p in ("attn", "mlp", "both")},
+}
+# The hyperparameter each method's value axis varies.
+VALUE_SETTING = {"lora": "r", "series": "bottleneck", "parallel": "bottleneck", "prefix": "num_virtual_tokens",
+                 "prompt": "num_virtual_tokens", "ptuning": "num_virtual_tokens"}
+
+
+@dataclass
+class StudySpec:
+    """A grid over a base job. Empty ``placements``/``values`` lists mean the method's defaults."""
+
+    name: str = "study"
+    base: JobSpec = field(default_factory=JobSpec)
+    methods: list[str] = field(default_factory=lambda: ["lora", "series", "parallel"])
+    placements: dict[str, list[str]] = field(default_factory=dict)
+    values: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [42])
+
+    def validate(self) -> "StudySpec":
+        self.base.validate()
+        if not self.methods:
+            raise ConfigError("methods", "choose at least one method")
+        for m in self.methods:
+            if m not in METHOD_SETTINGS:
+                raise ConfigError("methods", f"unknown method {m!r}; known: {', '.join(METHOD_SETTINGS)}")
+        for m, places in self.placements.items():
+            for p in places:
+                if p not in PLACEMENTS.get(m, {}):
+                    raise ConfigError("placements", f"{m} has no placement {p!r}; "
+                                                    f"it has {', '.join(PLACEMENTS.get(m, {})) or 'none'}")
+        if not self.seeds:
+            raise ConfigError("seeds", "give at least one seed")
+        if not self.base.eval.benchmarks:
+            raise ConfigError("eval.benchmarks", "a study compares accuracies: name at least one benchmark")
+        for cell in expand(self):
+            cell.spec.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "base": self.base.to_dict(), "methods": self.methods,
+                "placements": self.placements, "values": self.values, "seeds": self.seeds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StudySpec":
+        unknown = sorted(set(data) - {"name", "base", "methods", "placements", "values", "seeds"})
+        if unknown:
+            raise ConfigError(unknown[0], "unknown study key; expected name, base, methods, placements, values, seeds")
+        return cls(name=str(data.get("name", "study")), base=JobSpec.from_dict(data.get("base", {})),
+                   methods=list(data.get("methods", ["lora", "series", "parallel"])),
+                   placements={k: list(v) for k, v in dict(data.get("placements", {})).items()},
+                   values={k: list(v) for k, v in dict(data.get("values", {})).items()},
+                   seeds=[int(s) for s in data.get("seeds", [42])])
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StudySpec":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class Cell:
+    """One grid point: its coordinates and the job spec that trains it."""
+
+    method: str
+    placement: str | None
+    setting: str
+    value: Any
+    seed: int
+    spec: JobSpec
+
+    @property
+    def config_label(self) -> str:
+        """The configuration without the seed (cells differing only in seed share it)."""
+        place = f" @{self.placement}" if self.placement else ""
+        return f"{self.method}{place} {self.setting}={self.value}"
+
+    def coordinates(self) -> dict[str, Any]:
+        return {"method": self.method, "placement": self.placement, "setting": self.setting,
+                "value": self.value, "seed": self.seed, "config": self.config_label}
+
+
+def expand(study: StudySpec) -> list[Cell]:
+    """Every cell of the grid, as a job spec built from the base."""
+    cells = []
+    for method in study.methods:
+        setting = VALUE_SETTING[method]
+        default = METHOD_SETTINGS[method]()
+        places = study.placements.get(method) or ([_default_placement(method)] if method in PLACEMENTS else [None])
+        values = study.values.get(method) or [getattr(default, setting)]
+        for place in places:
+            for value in values:
+                for seed in study.seeds:
+                    spec = copy.deepcopy(study.base)
+                    overrides = {setting: value, **(PLACEMENTS[method][place] if place else {})}
+                    if method == "prompt":
+                        overrides.setdefault("init", "text")
+                    spec.adapter = AdapterConfig.for_method(method, layers=study.base.adapter.layers
+                                                            if study.base.adapter.method == method else "all",
+                                                            **overrides)
+                    spec.train.seed = seed
+                    spec.name = f"{study.name}: {method}{' @' + place if place else ''} {setting}={value} seed {seed}"
+                    cells.append(Cell(method, place, setting, value, seed, spec))
+    return cells
+
+
+def _default_placement(method: str) -> str:
+    return {"lora": "both", "series": "mlp", "parallel": "mlp"}[method]
+
+
+def placement_study(base: JobSpec, name: str = "placement study") -> StudySpec:
+    """The paper's placement grid: series / parallel after attention, MLP, both; LoRA on attn, MLP, both."""
+    return StudySpec(name=name, base=base, methods=["series", "parallel", "lora"],
+                     placements={m: ["attn", "mlp", "both"] for m in ("series", "parallel", "lora")})
+
+
+def hyperparameter_study(base: JobSpec, hidden_size: int, name: str = "hyperparameter study") -> StudySpec:
+    """The paper's value grid, scaled to the model: LoRA rank 4..32, bottleneck up to half the hidden
+    size (64..256 on a 7B model), virtual tokens 10..40."""
+    top = max(8, min(256, hidden_size // 2))
+    bottlenecks = sorted({max(4, top // 4), max(4, top // 2), top})
+    return StudySpec(name=name, base=base, methods=["lora", "series", "prefix"],
+                     values={"lora": [4, 8, 16, 32], "series": bottlenecks, "prefix": [10, 20, 30, 40]})
+
+
+def estimate_seconds(num_cells: int, train_tokens: int, epochs: float, max_steps: int, batch_size: int,
+                     mean_tokens_per_row: float, tokens_per_s: float) -> float:
+    """Training time of the whole grid from a measured throughput (tokens/s)."""
+    if max_steps:
+        tokens = max_steps * batch_size * mean_tokens_per_row
+    else:
+        tokens = train_tokens * epochs
+    return num_cells * tokens / max(tokens_per_s, 1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Analysis
+
+@dataclass
+class CellResult:
+    """What one finished cell measured on one benchmark."""
+
+    coordinates: dict[str, Any]
+    benchmark: str
+    accuracy: float
+    trainable_params: int
+    correct: list[bool]  # per question, in benchmark order
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict[str, Any]:
+    """Exact McNemar test on paired per-question correctness: does ``a`` beat ``b`` beyond chance?
+
+    Counts the discordant pairs (a right and b wrong: ``n10``; the reverse: ``n01``) and returns the
+    two-sided exact binomial p-value of seeing a split at least this uneven if both were equally good.
+    """
+    if len(a) != len(b):
+        raise ValueError("McNemar needs the same questions for both: lengths differ")
+    n10 = sum(1 for x, y in zip(a, b) if x and not y)
+    n01 = sum(1 for x, y in zip(a, b) if y and not x)
+    n = n10 + n01
+    if n == 0:
+        return {"n10": 0, "n01": 0, "p_value": 1.0}
+    k = min(n10, n01)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return {"n10": n10, "n01": n01, "p_value": min(1.0, 2 * tail)}
+
+
+def analyse(results: list[CellResult], alpha: float = 0.05) -> dict[str, Any]:
+    """The study's tables, per benchmark: by placement, by value, by trainable parameters, seeds, best."""
+    out: dict[str, Any] = {}
+    for bench in sorted({r.benchmark for r in results}):
+        rows = [r for r in results if r.benchmark == bench]
+        configs: dict[str, list[CellResult]] = {}
+        for r in rows:
+            configs.setdefault(r.coordinates["config"], []).append(r)
+        summary = []
+        for label, runs in configs.items():
+            accs = [r.accuracy for r in runs]
+            c = runs[0].coordinates
+            summary.append({"config": label, "method": c["method"], "placement": c["placement"],
+                            "setting": c["setting"], "value": c["value"], "seeds": len(runs),
+                            "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                            "trainable_params": runs[0].trainable_params})
+        summary.sort(key=lambda s: -s["mean"])
+        by_placement = [{k: s[k] for k in ("method", "placement", "mean", "std")} for s in summary if s["placement"]]
+        by_value = [{k: s[k] for k in ("method", "setting", "value", "mean", "std")} for s in summary]
+        best_per_method: dict[str, dict] = {}
+        for s in summary:
+            best_per_method.setdefault(s["method"], s)
+        test = None
+        if len(summary) >= 2:
+            best, second = configs[summary[0]["config"]], configs[summary[1]["config"]]
+            a = [x for r in sorted(best, key=lambda r: r.coordinates["seed"]) for x in r.correct]
+            b = [x for r in sorted(second, key=lambda r: r.coordinates["seed"]) for x in r.correct]
+            if len(a) == len(b):
+                test = {"best": summary[0]["config"], "runner_up": summary[1]["config"], **mcnemar(a, b)}
+                test["significant"] = test["p_value"] < alpha
+        out[bench] = {"configs": summary, "by_placement": sorted(by_placement, key=lambda s: (s["method"], s["placement"])),
+                      "by_value": sorted(by_value, key=lambda s: (s["method"], str(s["value"]))),
+                      "best_per_method": list(best_per_method.values()), "mcnemar": test}
+    return out
+
+
+def tables_markdown(analysis: dict[str, Any]) -> str:
+    """The analysis as Markdown tables (the study's report)."""
+    lines = []
+    for bench, a in analysis.items():
+        lines += [f"## {bench}", "", "| configuration | seeds | accuracy (mean) | std | trainable params |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {s['config']} | {s['seeds']} | {100 * s['mean']:.1f} | {100 * s['std']:.1f} | "
+                  f"{s['trainable_params']:,} |" for s in a["configs"]]
+        t = a["mcnemar"]
+        if t:
+            verdict = "beyond chance" if t["significant"] else "not beyond chance"
+            lines += ["", f"Best `{t['best']}` vs runner-up `{t['runner_up']}`: McNemar exact p = "
+                          f"{t['p_value']:.3g} ({t['n10']} vs {t['n01']} discordant questions): {verdict}."]
+        lines.append("")
+    return "\n".join(lines)
