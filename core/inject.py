@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.base import AdapterModule
+from .adapters.base import AdapterModule, MaskShare
 from .adapters.bottleneck import ParallelAdapter, SeriesAdapter
 from .adapters.lora import LoraLinear
 from .adapters.prompt import PrefixTuning, PromptTuning, PTuning, VirtualTokens
@@ -61,7 +61,7 @@ def _build_lora(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: li
             raise ConfigError("targets", f"this architecture has no {role!r} role; it has "
                                          f"{', '.join(_available_roles(spec))}")
     built: dict[str, AdapterModule] = {}
-    share: dict = {}
+    share = MaskShare()
     for site in _sites(model, spec, plain, layers):
         built[site.path] = LoraLinear(model.get_submodule(site.path), s.r, s.alpha, s.dropout, dropout_share=share)
     if fused:
@@ -310,6 +310,29 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     for a in _lora_modules(model):
         a.unmerge()
     return model
+
+
+def export_merged(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Save the model with its LoRA folded in as a standard Hugging Face checkpoint (no adapter code needed).
+
+    Works on a copy: ``model`` keeps its adapters, unmerged.
+    """
+    import copy
+
+    _lora_modules(model)  # refuses non-LoRA adapters with a clear error
+    clone = copy.deepcopy(model)
+    merge_adapter(clone)
+    for path, adapter in list(_adapter_items(clone)):
+        adapter._saved_weight = None
+        adapter.merged = False  # the base weight keeps the merged values
+        _replace(clone, path, adapter.base)
+    if hasattr(clone, "adapter_config"):
+        del clone.adapter_config
+    directory = Path(directory)
+    clone.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
 
 
 def export_peft(model: nn.Module, directory: str | Path) -> Path:

@@ -247,8 +247,7 @@ class Trainer:
         while True:
             plan = plan_epoch(self.lengths, self.t.batch_size, self.t.seed, self.epoch)
             while self.batch_in_epoch < len(plan):
-                yield plan[self.batch_in_epoch]
-                self.batch_in_epoch += 1
+                yield plan[self.batch_in_epoch]  # the training loop advances batch_in_epoch
             self.epoch += 1
             self.batch_in_epoch = 0
 

@@ -263,3 +263,17 @@ def test_model_loss_ignores_virtual_tokens():
     keep = labels != -100
     manual = -logp[keep].gather(-1, labels[keep][:, None]).mean()
     torch.testing.assert_close(out.loss, manual, atol=1e-5, rtol=0)
+
+
+def test_merged_export_is_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    batch = toy_batch()
+    model = adapted("llama", "lora")
+    train_steps(model, batch, steps=3)
+    expected = logits(model, batch)
+    core.export_merged(model, tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not core.inject.adapters_of(plain)
+    torch.testing.assert_close(logits(plain, batch), expected, atol=1e-4, rtol=0)
+    assert not any(a.merged for a in core.inject.adapters_of(model))  # the original is untouched

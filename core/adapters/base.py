@@ -40,6 +40,16 @@ def make_dropout(p: float) -> nn.Module:
     return FastDropout(p) if p > 0 else nn.Identity()
 
 
+class MaskShare(dict):
+    """The last (input, masked output) of a group of dropouts; copies of a model start with none."""
+
+    def __deepcopy__(self, memo: dict) -> "MaskShare":
+        return MaskShare()
+
+    def __reduce__(self):
+        return MaskShare, ()
+
+
 class FastDropout(nn.Module):
     """Inverted dropout whose mask costs half the random numbers of ``nn.Dropout`` on a CPU.
 
@@ -59,6 +69,8 @@ class FastDropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p <= 0:
+            if self.share:
+                self.share.clear()  # release the last training activations
             return x
         if self.share is not None and self.share.get("input") is x:
             return self.share["output"]

@@ -1,0 +1,197 @@
+"""Command line of the jobs service.
+
+    python -m jobs submit spec.json [--kind train|evaluate] [--name NAME]   # last line: the new job id
+    python -m jobs list [--status S] [--json]
+    python -m jobs show ID [--json]
+    python -m jobs cancel ID
+    python -m jobs resume ID                                                # last line: the new job id
+    python -m jobs logs ID [--tail N] [--follow]
+    python -m jobs delete ID [--keep-files]
+    python -m jobs export ID [--kind adapter|peft|merged]                   # prints the zip's path
+    python -m jobs evaluations [--job ID] [--json]
+    python -m jobs worker [--concurrency N] [--poll S] [--until-idle]
+
+``--db URL`` (before the command) picks the database; default ``$WORKBENCH_DB_URL`` or
+``$WORKBENCH_HOME/workbench.db``. Errors print ``error: ...`` on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .service import ARTIFACT_KINDS, JobError, JobService
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _progress(job: dict) -> str:
+    p = job["progress"]
+    if p["total"]:
+        return f"{p['step']}/{p['total']}"
+    return str(p["step"] or "-")
+
+
+def _print_table(jobs: list[dict]) -> None:
+    rows = [("ID", "KIND", "STATUS", "PROGRESS", "LOSS", "BEST VAL", "TIME", "NAME")]
+    for j in jobs:
+        loss = j["progress"]["loss"]
+        rows.append((str(j["id"]), j["kind"], j["status"] + ("*" if j["cancel_requested"] and j["status"] == "running"
+                                                              else ""),
+                     _progress(j), f"{loss:.4f}" if loss is not None else "-",
+                     f"{j['best_val_loss']:.4f}" if j["best_val_loss"] is not None else "-",
+                     _fmt_s(j["duration_s"]), j["name"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+def _show(job: dict) -> None:
+    p = job["progress"]
+    lines = [
+        f"job {job['id']}: {job['name']}",
+        f"  kind      {job['kind']}",
+        f"  status    {job['status']}" + (" (cancel requested)" if job["cancel_requested"] and job["status"] == "running"
+                                          else ""),
+        f"  progress  {_progress(job)}" + (f" ({p['phase']})" if p["phase"] else "")
+        + (f", ETA {_fmt_s(p['eta_s'])}" if p["eta_s"] is not None and job["status"] == "running" else ""),
+        f"  loss      {p['loss']:.4f}" if p["loss"] is not None else "  loss      -",
+        f"  best val  {job['best_val_loss']:.4f}" if job["best_val_loss"] is not None else "  best val  -",
+        f"  created   {job['created_at']}",
+        f"  started   {job['started_at'] or '-'}",
+        f"  finished  {job['finished_at'] or '-'}",
+        f"  output    {job['out_dir']}",
+    ]
+    if job["resumes_job_id"] is not None:
+        lines.append(f"  resumes   job {job['resumes_job_id']} from {job['resume_checkpoint']}")
+    if job["target_job_id"] is not None:
+        lines.append(f"  evaluates job {job['target_job_id']}")
+    if job["error"]:
+        lines.append(f"  error     {job['error']}")
+    print("\n".join(lines))
+    if job["traceback"] and job["status"] == "failed":
+        print("  traceback (end):")
+        print("\n".join("    " + line for line in job["traceback"].rstrip().splitlines()[-15:]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs", description="Adapter Workbench background jobs")
+    parser.add_argument("--db", help="database URL (default $WORKBENCH_DB_URL or $WORKBENCH_HOME/workbench.db)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", help="queue a job from a spec JSON file ('-' = stdin)")
+    p.add_argument("spec")
+    p.add_argument("--kind", default="train", choices=["train", "evaluate"])
+    p.add_argument("--name")
+    p.add_argument("--target", type=int, help="evaluate: the training job whose adapter to evaluate")
+    p = sub.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--status")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("show", help="one job")
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    for name, text in [("cancel", "cancel a queued or running job"), ("resume", "continue from the last checkpoint")]:
+        sub.add_parser(name, help=text).add_argument("id", type=int)
+    p = sub.add_parser("logs", help="the job's log")
+    p.add_argument("id", type=int)
+    p.add_argument("--tail", type=int, default=200, help="last N lines (0 = all)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p = sub.add_parser("delete", help="delete a finished job and its files")
+    p.add_argument("id", type=int)
+    p.add_argument("--keep-files", action="store_true")
+    p = sub.add_parser("export", help="zip the job's adapter")
+    p.add_argument("id", type=int)
+    p.add_argument("--kind", default="adapter", choices=ARTIFACT_KINDS)
+    p = sub.add_parser("evaluations", help="benchmark results")
+    p.add_argument("--job", type=int)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("worker", help="run queued jobs until stopped")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--poll", type=float, default=1.0)
+    p.add_argument("--until-idle", action="store_true", help="exit when nothing is queued or running here")
+    args = parser.parse_args(argv)
+
+    try:
+        service = JobService(args.db)
+        cmd = args.command
+        if cmd == "submit":
+            text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
+            job_id = service.submit(text, kind=args.kind, name=args.name, target_job_id=args.target)
+            print(f"queued {args.kind} job {job_id}", file=sys.stderr)
+            print(job_id)
+        elif cmd == "list":
+            jobs = service.list_jobs(status=args.status, limit=args.limit)
+            if args.json:
+                print(json.dumps(jobs, indent=2))
+            else:
+                _print_table(jobs)
+        elif cmd == "show":
+            job = service.get(args.id)
+            if args.json:
+                print(json.dumps(job, indent=2))
+            else:
+                _show(job)
+        elif cmd == "cancel":
+            status = service.cancel(args.id)
+            print(f"job {args.id}: {'cancel requested; it stops at its next step' if status == 'running' else status}")
+        elif cmd == "resume":
+            new_id = service.resume(args.id)
+            print(f"job {new_id} continues job {args.id} from {service.get(new_id)['resume_checkpoint']}",
+                  file=sys.stderr)
+            print(new_id)
+        elif cmd == "logs":
+            text = service.logs(args.id, args.tail or None)
+            sys.stdout.write(text)
+            if args.follow:
+                path = service.log_path(args.id)
+                pos = path.stat().st_size if path.is_file() else 0
+                while True:
+                    if path.is_file():
+                        with open(path, encoding="utf-8", errors="replace") as f:
+                            f.seek(pos)
+                            chunk = f.read()
+                            pos = f.tell()
+                        sys.stdout.write(chunk)
+                        sys.stdout.flush()
+                    if service.get(args.id)["status"] not in ("queued", "running"):
+                        break
+                    time.sleep(0.5)
+        elif cmd == "delete":
+            service.delete(args.id, files=not args.keep_files)
+            print(f"job {args.id} deleted")
+        elif cmd == "export":
+            print(service.job_artifact(args.id, args.kind))
+        elif cmd == "evaluations":
+            rows = service.list_evaluations(job_id=args.job)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for r in rows:
+                    who = f"job {r['job_id']}" if r["job_id"] is not None else f"base {r['base_model']}"
+                    print(f"{r['id']:>4}  {r['benchmark']:<20} {100 * r['accuracy']:6.2f}%  "
+                          f"({r['correct']}/{r['total']})  {who}")
+        elif cmd == "worker":
+            from .worker import main as worker_main
+
+            return worker_main(service, concurrency=args.concurrency, poll_s=args.poll, until_idle=args.until_idle)
+        return 0
+    except (JobError, KeyError, FileNotFoundError, ValueError, NotImplementedError) as err:
+        # ConfigError is a ValueError: "error: train.learning_rate: must be > 0 (got -0.001)"
+        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The child process of one job: ``python -m jobs.run <id>``.
+
+The worker starts it (stdout and stderr going to ``runs/<id>/train.log``) after claiming the job; run
+by hand on a queued job it claims the job itself. It dispatches on the job's kind:
+
+- ``train``: ``core.train.train`` with callbacks that buffer metric points and progress and write them
+  in one transaction every ~1 s (or every 50 points, at each checkpoint and at the end), and look at
+  the job's ``cancel_requested`` flag at most every 0.5 s. A cancel (or SIGTERM/SIGINT) stops the run
+  at the next step with the adapter and a checkpoint saved: status ``cancelled`` (``interrupted`` for
+  a signal). Benchmarks named in ``spec.eval.benchmarks`` are run on the adapter afterwards.
+- ``evaluate``: ``core.evaluate`` on the base model, with the adapter of ``target_job_id`` if set;
+  each benchmark's result and per-example predictions go to ``evaluations``/``eval_samples``.
+
+Any exception ends the job ``failed`` with its message and the end of its traceback, after the
+buffered points are written. Two environment variables exist for tests and demos:
+``WORKBENCH_TEST_STEP_DELAY`` (seconds to sleep after each step) and ``WORKBENCH_TEST_FAIL_AT_STEP``
+(raise at that step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .schema import Job, MetricPoint, utcnow
+from .service import JobService, worker_tag
+
+FLUSH_EVERY_S = 1.0
+FLUSH_POINTS = 50
+CANCEL_POLL_S = 0.5
+TRACEBACK_CHARS = 4000
+# The child's own final word wins over a worker that wrongly took it for dead ("interrupted").
+MINE = ("running", "interrupted")
+STEP_DELAY_ENV = "WORKBENCH_TEST_STEP_DELAY"
+FAIL_AT_ENV = "WORKBENCH_TEST_FAIL_AT_STEP"
+
+
+class Cancelled(Exception):
+    """Raised inside an evaluation when the job is cancelled."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: the run stops cleanly at the next step."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        def handler(signum, _frame):  # noqa: ANN001
+            self.signal = signal.Signals(signum).name
+            print(f"== received {self.signal}: stopping at the next step", flush=True)
+
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (run_job called in-process)
+            pass
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class Recorder:
+    """Buffers a job's metric points and progress; writes them together in one short transaction."""
+
+    def __init__(self, service: JobService, job_id: int):
+        self.service, self.job_id = service, job_id
+        self.points: list[dict[str, Any]] = []
+        self.pending: dict[str, Any] = {}
+        self.last_flush = time.monotonic()
+        self.last_cancel_check = 0.0
+        self.cancel = False
+
+    def add(self, **point: Any) -> None:
+        self.points.append({"job_id": self.job_id, "wall_time": time.time(), **point})
+
+    def update(self, **values: Any) -> None:
+        self.pending.update(values)
+
+    def due(self) -> bool:
+        return len(self.points) >= FLUSH_POINTS or time.monotonic() - self.last_flush >= FLUSH_EVERY_S
+
+    def flush(self) -> None:
+        points, pending = self.points, self.pending
+        self.points, self.pending = [], {}
+        with self.service.db.write() as s:
+            if points:
+                s.execute(sa.insert(MetricPoint), points)
+            s.execute(sa.update(Job).where(Job.id == self.job_id).values(heartbeat_at=utcnow(), **pending))
+        self.last_flush = time.monotonic()
+
+    def cancel_requested(self) -> bool:
+        """The job's cancel flag, read from the database at most every ``CANCEL_POLL_S``."""
+        if self.cancel:
+            return True
+        now = time.monotonic()
+        if now - self.last_cancel_check >= CANCEL_POLL_S:
+            self.last_cancel_check = now
+            with self.service.db.read() as s:
+                self.cancel = bool(s.scalar(sa.select(Job.cancel_requested).where(Job.id == self.job_id)))
+        return self.cancel
+
+
+def _train_callbacks(rec: Recorder, stop: StopFlag):
+    from core.train import TrainCallbacks
+
+    delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
+    fail_at = int(os.environ.get(FAIL_AT_ENV) or 0)
+
+    class JobCallbacks(TrainCallbacks):
+        best: float | None = None
+
+        def on_start(self, info: dict[str, Any]) -> None:
+            rec.update(total_steps=info.get("total_steps"), step=info.get("start_step", 0), phase="training",
+                       info=_jsonable(info))
+            rec.flush()
+            print(f"== training: {info.get('trainable', '?'):,} trainable parameters, "
+                  f"{info.get('total_steps')} steps (from step {info.get('start_step', 0)}), "
+                  f"{info.get('train_examples')} examples, {info.get('device')} {info.get('dtype')}", flush=True)
+
+        def on_step(self, r: Any) -> None:
+            if rec.due():  # before adding: a step's points (train + validation) are always written together
+                rec.flush()
+            rec.add(kind="train", step=r.step, epoch=_finite(r.epoch), train_loss=_finite(r.loss), lr=_finite(r.lr),
+                    grad_norm=_finite(r.grad_norm), tokens_per_s=_finite(r.tokens_per_s),
+                    elapsed_s=_finite(r.elapsed_s))
+            rec.update(step=r.step, total_steps=r.total_steps, epoch=_finite(r.epoch), eta_s=_finite(r.eta_s),
+                       last_loss=_finite(r.loss))
+            print(f"step {r.step}/{r.total_steps} loss {r.loss:.4f} lr {r.lr:.2e} grad {r.grad_norm:.3f} "
+                  f"{r.tokens_per_s:,.0f} tok/s eta {r.eta_s:,.0f}s", flush=True)
+            if fail_at and r.step >= fail_at:
+                raise RuntimeError(f"injected failure at step {r.step} ({FAIL_AT_ENV})")
+            if delay:
+                time.sleep(delay)
+
+        def on_eval(self, r: Any) -> None:
+            rec.add(kind="eval", step=r.step, epoch=_finite(r.epoch), val_loss=_finite(r.val_loss))
+            if r.val_loss is not None and (self.best is None or r.val_loss < self.best):
+                self.best = r.val_loss
+                rec.update(best_val_loss=_finite(r.val_loss))
+            print(f"step {r.step}: validation loss {r.val_loss:.4f}", flush=True)
+
+        def on_checkpoint(self, step: int, path: Path) -> None:
+            rec.flush()
+            print(f"== checkpoint {path}", flush=True)
+
+        def should_stop(self) -> bool:
+            return stop.signal is not None or rec.cancel_requested()
+
+    return JobCallbacks()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return _finite(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    return str(value)
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+# --------------------------------------------------------------------------------------------------
+
+def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag) -> tuple[str, dict[str, Any]]:
+    from core.config import JobSpec
+    from core.train import train
+
+    spec = JobSpec.from_dict(job["spec"])
+    out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec.update(phase="loading model and data")
+    rec.flush()
+    resume = job["resume_checkpoint"]
+    if resume:
+        print(f"== resuming from {resume}", flush=True)
+    result = train(spec, out_dir, _train_callbacks(rec, stop), resume_from=resume)
+    values: dict[str, Any] = dict(
+        step=result.steps, total_steps=result.total_steps, best_val_loss=_finite(result.best_val_loss),
+        last_loss=_finite(result.final_loss), phase=None,
+        result=_jsonable({"status": result.status, "steps": result.steps, "total_steps": result.total_steps,
+                          "final_loss": result.final_loss, "best_val_loss": result.best_val_loss,
+                          "adapter_dir": str(result.adapter_dir), "elapsed_s": result.elapsed_s,
+                          "peak_memory_mb": result.peak_memory_mb, "trainable_params": result.trainable_params,
+                          "tokens_per_s": getattr(result, "tokens_per_s", None)}))
+    print(f"== training {result.status} after {result.steps} steps; adapter in {result.adapter_dir}", flush=True)
+    if result.status != "completed":
+        if stop.signal:
+            return "interrupted", {**values, "error": f"stopped by {stop.signal}"}
+        return "cancelled", values
+    if spec.eval.benchmarks:
+        rec.flush()
+        values["result"]["evaluations"] = run_benchmarks(service, spec, job, rec, stop, Path(result.adapter_dir),
+                                                         adapter_job_id=job["id"])
+    return "succeeded", values
+
+
+def run_evaluate(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag) -> tuple[str, dict[str, Any]]:
+    from core.config import JobSpec
+
+    spec = JobSpec.from_dict(job["spec"])
+    adapter_dir, target = None, job["target_job_id"]
+    if target is not None:
+        adapter_dir = Path(service.get(target)["out_dir"]) / "adapter"
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"job {target} has no adapter at {adapter_dir}")
+    ids = run_benchmarks(service, spec, job, rec, stop, adapter_dir, adapter_job_id=target)
+    return "succeeded", {"phase": None, "result": {"evaluations": ids}}
+
+
+def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Recorder, stop: StopFlag,
+                   adapter_dir: Path | None, adapter_job_id: int | None) -> list[int]:
+    """Evaluate the base model (with ``adapter_dir`` loaded if given) on ``spec.eval.benchmarks``."""
+    try:
+        from core.evaluate import evaluate, load_benchmark
+    except ImportError as err:
+        raise RuntimeError(f"evaluation is not available in this version of core ({err})") from err
+    import torch
+
+    import core
+    from core.models import load_model, resolve_device, resolve_dtype
+
+    rec.update(phase="loading model for evaluation")
+    rec.flush()
+    device = resolve_device(spec.model.device)
+    dtype = resolve_dtype(spec.model.precision, device)
+    loaded = load_model(spec.model, dtype=None if dtype == torch.float32 else dtype)  # frozen weights as in training
+    if adapter_dir is not None:
+        core.load_adapter(loaded.model, adapter_dir, tokenizer=loaded.tokenizer)
+    loaded.model.eval()
+    accepted = inspect.signature(evaluate).parameters
+    extra: dict[str, Any] = {}
+    if "should_stop" in accepted:
+        extra["should_stop"] = lambda: stop.signal is not None or rec.cancel_requested()
+    if "dtype" in accepted and dtype != torch.float32:
+        extra["dtype"] = dtype  # autocast, as in training
+    if "template" in accepted:
+        extra["template"] = spec.data.template  # the prompt format the adapter was trained with
+    ids = []
+    names = list(spec.eval.benchmarks)
+    settings = {k: v for k, v in spec.eval.to_dict().items() if k != "benchmarks"}
+    for i, name in enumerate(names, 1):
+        phase = f"evaluating {name} ({i}/{len(names)})"
+        rec.update(phase=phase, step=0, total_steps=None, eta_s=None)
+        rec.flush()
+        print(f"== {phase}", flush=True)
+        started = time.monotonic()
+
+        def progress(done: int, total: int | None = None) -> None:
+            eta = (time.monotonic() - started) / done * (total - done) if total and done else None
+            rec.update(step=int(done), total_steps=int(total) if total else None, eta_s=eta)
+            if rec.due():
+                rec.flush()
+            if stop.signal is not None or rec.cancel_requested():
+                raise Cancelled()
+
+        bench = load_benchmark(name)
+        res = evaluate(loaded.model, loaded.tokenizer, bench, spec.eval, progress=progress, **extra)
+        if _field(res, "stopped", False):
+            raise Cancelled()
+        samples = [s if isinstance(s, dict) else dataclasses.asdict(s) for s in (_field(res, "samples") or [])]
+        ev = service.record_evaluation(
+            benchmark=name, base_model=spec.model.name, accuracy=_field(res, "accuracy"),
+            correct=_field(res, "correct"), total=_field(res, "total"), seconds=_field(res, "seconds"),
+            samples=samples, job_id=adapter_job_id, run_job_id=job["id"], settings=settings)
+        ids.append(ev)
+        print(f"== {name}: accuracy {_field(res, 'accuracy'):.4f} "
+              f"({_field(res, 'correct')}/{_field(res, 'total')}) in {_field(res, 'seconds') or 0:.1f}s", flush=True)
+    return ids
+
+
+RUNNERS = {"train": run_train, "evaluate": run_evaluate}
+
+
+def run_job(service: JobService, job_id: int) -> int:
+    """Run job ``job_id`` to a final status; return the process exit code (0 = the job ended as planned)."""
+    job = service.get(job_id)
+    if job["status"] == "queued":
+        if not service.claim(job_id, worker_tag()):
+            print(f"job {job_id} was taken by another worker", file=sys.stderr)
+            return 1
+    elif job["status"] != "running":
+        print(f"job {job_id} is {job['status']}: nothing to run", file=sys.stderr)
+        return 1
+    service.set_pid(job_id, os.getpid())
+    job = service.get(job_id)
+    print(f"== job {job_id} ({job['kind']}) '{job['name']}' run by worker {job['worker']} in pid {os.getpid()} "
+          f"at {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    stop = StopFlag()
+    stop.install()
+    rec = Recorder(service, job_id)
+    try:
+        if rec.cancel_requested():
+            service.finish(job_id, "cancelled", only_if=MINE, phase=None)
+            print("== cancelled before it started", flush=True)
+            return 0
+        runner = RUNNERS.get(job["kind"])
+        if runner is None:
+            raise ValueError(f"unknown job kind {job['kind']!r}")
+        status, values = runner(service, job, rec, stop)
+        values.setdefault("error", None)
+        rec.flush()
+        service.finish(job_id, status, only_if=MINE, **values)
+        print(f"== job {job_id} {status}", flush=True)
+        return 0
+    except BaseException as err:  # noqa: BLE001 - every way out must leave a final status
+        tb = traceback.format_exc()
+        sys.stderr.write(tb)
+        sys.stderr.flush()
+        cancelled = isinstance(err, Cancelled)
+        try:
+            rec.flush()
+        except Exception:  # the database itself may be the problem; the status write below retries
+            traceback.print_exc()
+        if cancelled:
+            service.finish(job_id, "interrupted" if stop.signal else "cancelled", only_if=MINE, phase=None,
+                           error=f"stopped by {stop.signal}" if stop.signal else None)
+            print(f"== job {job_id} stopped during evaluation", flush=True)
+            return 0
+        message = f"{type(err).__name__}: {err}".strip()
+        service.finish(job_id, "failed", only_if=MINE, phase=None, error=message[:2000],
+                       traceback=tb[-TRACEBACK_CHARS:])
+        print(f"== job {job_id} failed: {message}", flush=True)
+        return 1
+    finally:
+        stop.restore()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m jobs.run <job id>", file=sys.stderr)
+        return 2
+    try:  # progress bars of model loading would fill the log with carriage returns
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+    service = JobService()
+    try:
+        return run_job(service, int(args[0]))
+    finally:
+        service.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

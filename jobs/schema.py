@@ -1,0 +1,126 @@
+"""The tables (SQLAlchemy 2 ORM): jobs, their metric points, evaluations and evaluated examples.
+
+These models are the head of the schema: a new database is created from them. Changing them means
+appending a migration to ``jobs.db.MIGRATIONS`` too, so existing databases follow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+KINDS = ("train", "evaluate")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+ACTIVE = ("queued", "running")
+FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: sa.JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids are never reused, nor their run directories
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), default="")
+    kind: Mapped[str] = mapped_column(sa.String(16), default="train")
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued", index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)
+    # who runs it: the child's pid and "host:pid" of the worker that claimed it
+    pid: Mapped[int | None] = mapped_column(sa.Integer)
+    worker: Mapped[str | None] = mapped_column(sa.String(200))
+    exit_code: Mapped[int | None] = mapped_column(sa.Integer)
+    # progress
+    phase: Mapped[str | None] = mapped_column(sa.String(100))
+    step: Mapped[int] = mapped_column(sa.Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(sa.Integer)
+    epoch: Mapped[float | None] = mapped_column(sa.Float)
+    eta_s: Mapped[float | None] = mapped_column(sa.Float)
+    last_loss: Mapped[float | None] = mapped_column(sa.Float)
+    best_val_loss: Mapped[float | None] = mapped_column(sa.Float)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)
+    # outcome
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    traceback: Mapped[str | None] = mapped_column(sa.Text)
+    info: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)    # on_start: trainable params, device...
+    result: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)  # TrainResult fields
+    out_dir: Mapped[str | None] = mapped_column(sa.Text)
+    # lineage and control
+    resumes_job_id: Mapped[int | None] = mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    resume_checkpoint: Mapped[str | None] = mapped_column(sa.Text)
+    target_job_id: Mapped[int | None] = mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"))  # evaluate
+    cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    study_id: Mapped[int | None] = mapped_column(sa.Integer, index=True)  # for a later feature (studies)
+
+    metrics: Mapped[list["MetricPoint"]] = relationship(back_populates="job", cascade="all, delete-orphan",
+                                                        passive_deletes=True)
+
+
+class MetricPoint(Base):
+    """One logged training step (``kind='train'``: loss, lr, ...) or validation (``kind='eval'``: val_loss)."""
+
+    __tablename__ = "metric_points"
+    __table_args__ = (sa.Index("ix_metric_points_job_step", "job_id", "step"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(sa.String(8), default="train")
+    step: Mapped[int] = mapped_column(sa.Integer)
+    epoch: Mapped[float | None] = mapped_column(sa.Float)
+    train_loss: Mapped[float | None] = mapped_column(sa.Float)
+    val_loss: Mapped[float | None] = mapped_column(sa.Float)
+    lr: Mapped[float | None] = mapped_column(sa.Float)
+    grad_norm: Mapped[float | None] = mapped_column(sa.Float)
+    tokens_per_s: Mapped[float | None] = mapped_column(sa.Float)
+    elapsed_s: Mapped[float | None] = mapped_column(sa.Float)  # training time so far
+    wall_time: Mapped[float] = mapped_column(sa.Float)         # unix time when logged
+
+    job: Mapped[Job] = relationship(back_populates="metrics")
+
+
+class Evaluation(Base):
+    """A benchmark result of a job's adapter, or of a bare base model (``job_id`` NULL)."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    run_job_id: Mapped[int | None] = mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"))  # who ran it
+    base_model: Mapped[str] = mapped_column(sa.String(500))
+    benchmark: Mapped[str] = mapped_column(sa.String(200), index=True)
+    accuracy: Mapped[float] = mapped_column(sa.Float)
+    correct: Mapped[int] = mapped_column(sa.Integer)
+    total: Mapped[int] = mapped_column(sa.Integer)
+    seconds: Mapped[float | None] = mapped_column(sa.Float)
+    settings: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
+
+    samples: Mapped[list["EvalSample"]] = relationship(back_populates="evaluation", cascade="all, delete-orphan",
+                                                       passive_deletes=True, order_by="EvalSample.index")
+
+
+class EvalSample(Base):
+    __tablename__ = "eval_samples"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    evaluation_id: Mapped[int] = mapped_column(sa.ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(sa.Integer)
+    question: Mapped[str] = mapped_column(sa.Text, default="")
+    gold: Mapped[str | None] = mapped_column(sa.Text)
+    response: Mapped[str | None] = mapped_column(sa.Text)
+    extracted: Mapped[str | None] = mapped_column(sa.Text)
+    correct: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+
+    evaluation: Mapped[Evaluation] = relationship(back_populates="samples")

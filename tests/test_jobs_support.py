@@ -1,0 +1,78 @@
+"""Helpers of the jobs tests (no tests here): a tiny job spec, a service on a temporary database, waiting, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from core import AdapterConfig, JobSpec
+from jobs import JobService
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} + {b} = {a + b}. The answer is {a + b}."}
+        for a in range(1, 7) for b in range(2, 6)]
+
+
+def write_data(path: Path, rows=ROWS) -> Path:
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def tiny_spec(model_dir, data_path, dropout: float = 0.05, **train) -> JobSpec:
+    """A LoRA job on the tiny checkpoint: 20 training rows, 4 validation rows, batches of 4."""
+    spec = JobSpec(name="tiny")
+    spec.model.name = str(model_dir)
+    spec.model.precision = "fp32"
+    spec.model.device = "cpu"
+    spec.adapter = AdapterConfig.for_method("lora", r=4, alpha=8, dropout=dropout)
+    spec.data.source = str(data_path)
+    spec.data.val_size = 4
+    spec.train.batch_size, spec.train.micro_batch_size = 4, 2
+    spec.train.learning_rate, spec.train.warmup_steps = 1e-2, 1
+    spec.train.max_steps, spec.train.eval_every, spec.train.save_every = 6, 3, 3
+    for key, value in train.items():
+        setattr(spec.train, key, value)
+    return spec
+
+
+def make_service(tmp: Path) -> JobService:
+    return JobService(f"sqlite:///{tmp / 'jobs.db'}", home=tmp / "home")
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_final(service: JobService, job_id: int, timeout: float = 90.0) -> dict:
+    return wait_for(lambda: (lambda j: j if j["status"] not in ("queued", "running") else None)(service.get(job_id)),
+                    timeout, what=f"job {job_id} to finish")
+
+
+def child_env(service: JobService, **extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(WORKBENCH_HOME=str(service.home), WORKBENCH_DB_URL=service.url, PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def cli(service: JobService, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "jobs", *args], cwd=REPO, env=child_env(service),
+                          capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"jobs {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def start_worker_process(service: JobService, *args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs", "worker", "--poll", "0.1", *args], cwd=REPO,
+                            env=child_env(service, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
