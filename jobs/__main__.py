@@ -115,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluations", help="benchmark results")
     p.add_argument("--job", type=int)
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("study", help="launch a study (grid of jobs) from a study JSON file; prints its id")
+    p.add_argument("spec")
+    p.add_argument("--plan", action="store_true", help="only show the grid size and estimated time")
+    p = sub.add_parser("study-show", help="a study's progress and, when evaluated, its tables")
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    for name, text in [("study-cancel", "cancel every unfinished job of a study"),
+                       ("study-resume", "continue every unfinished job of a study")]:
+        sub.add_parser(name, help=text).add_argument("id", type=int)
+    p = sub.add_parser("compare", help="accuracy matrix of evaluated models (Markdown or CSV)")
+    p.add_argument("--csv", action="store_true")
     p = sub.add_parser("worker", help="run queued jobs until stopped")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--poll", type=float, default=1.0)
@@ -180,6 +191,31 @@ def main(argv: list[str] | None = None) -> int:
                     who = f"job {r['job_id']}" if r["job_id"] is not None else f"base {r['base_model']}"
                     print(f"{r['id']:>4}  {r['benchmark']:<20} {100 * r['accuracy']:6.2f}%  "
                           f"({r['correct']}/{r['total']})  {who}")
+        elif cmd == "study":
+            from core.study import StudySpec
+
+            study = StudySpec.from_json(Path(args.spec).read_text())
+            plan = service.plan_study(study)
+            print(f"{plan['num_jobs']} training jobs, about {plan['estimated_s'] / 60:.0f} minutes of training "
+                  f"at {service.measured_tokens_per_s():.0f} tokens/s", file=sys.stderr)
+            if not args.plan:
+                print(service.submit_study(study))
+        elif cmd == "study-show":
+            study = service.get_study(args.id)
+            report = service.study_report(args.id)
+            if args.json:
+                print(json.dumps({**study, "analysis": report["analysis"]}, indent=2, default=str))
+            else:
+                print(f"study {study['id']} {study['name']}: {study['status']} "
+                      f"({', '.join(f'{n} {k}' for k, n in study['counts'].items())})")
+                print(report["markdown"] or "(no evaluations yet)")
+        elif cmd == "study-cancel":
+            print(f"{service.cancel_study(args.id)} jobs cancelled")
+        elif cmd == "study-resume":
+            print(" ".join(map(str, service.resume_study(args.id))) or "nothing to resume")
+        elif cmd == "compare":
+            matrix = service.comparison()
+            print(service.comparison_csv(matrix) if args.csv else service.comparison_markdown(matrix), end="")
         elif cmd == "worker":
             from .worker import main as worker_main
 

@@ -158,9 +158,17 @@ def _m1_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
+def _m2_studies(conn: Connection) -> None:
+    """Version 2: the studies table (jobs.study_id existed since version 1)."""
+    from .schema import Study
+
+    Study.__table__.create(conn, checkfirst=True)
+
+
 # (version, description, function taking a Connection inside a transaction), in order.
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: jobs, metric_points, evaluations, eval_samples", _m1_initial),
+    (2, "studies", _m2_studies),
 ]
 
 

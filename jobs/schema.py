@@ -124,3 +124,16 @@ class EvalSample(Base):
     correct: Mapped[bool] = mapped_column(sa.Boolean, default=False)
 
     evaluation: Mapped[Evaluation] = relationship(back_populates="samples")
+
+
+class Study(Base):
+    """A grid of training jobs (each with its evaluations) launched as one; ``cells`` maps grid points to jobs."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), default="")
+    spec: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    # [{"job_id": int, "coordinates": {...}}], the job id updated when a cell is resumed
+    cells: Mapped[list[Any]] = mapped_column(sa.JSON, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)

@@ -25,8 +25,10 @@ from typing import Any, Iterable
 
 import sqlalchemy as sa
 
+from .compare import ComparisonAPI
 from .db import Database, workbench_home
 from .schema import ACTIVE, FINISHED, KINDS, EvalSample, Evaluation, Job, MetricPoint, utcnow
+from .studies import StudiesAPI
 
 LOG_FILE = "train.log"
 ARTIFACT_KINDS = ("adapter", "peft", "merged")
@@ -113,7 +115,7 @@ def _looks_like_path(name: str) -> bool:
         bool(re.match(r"^[A-Za-z]:", name))
 
 
-class JobService:
+class JobService(ComparisonAPI, StudiesAPI):
     """Jobs in one database (``url``; default ``$WORKBENCH_DB_URL`` or ``$WORKBENCH_HOME/workbench.db``).
 
     ``home`` is where job directories are made (default ``$WORKBENCH_HOME``).

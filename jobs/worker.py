@@ -111,6 +111,11 @@ class Worker:
                 lost.append(job["id"])
                 print(f"[worker {self.tag}] job {job['id']} was left running by a dead process: interrupted",
                       flush=True)
+                if job.get("study_id") is not None:  # a study carries on by itself after a restart
+                    new_id = self.service.resume_study_job(job["id"])
+                    if new_id is not None:
+                        print(f"[worker {self.tag}] study {job['study_id']}: job {job['id']} resumes as {new_id}",
+                              flush=True)
         return lost
 
     def spawn(self, job_id: int) -> subprocess.Popen | None:
