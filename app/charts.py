@@ -1,0 +1,148 @@
+"""Plotly figures built from service data: loss curves, accuracy bars, accuracy against trainable parameters.
+
+Every function takes plain lists/dicts (what ``jobs.service`` returns) and gives a ``go.Figure``; no
+Gradio here, so the figures are tested as data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import plotly.graph_objects as go
+
+PALETTE = ["#2563eb", "#d97706", "#059669", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d"]
+LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=60, t=50, b=50), height=380,
+              legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
+              font=dict(size=12))
+
+
+def empty_figure(message: str = "No data yet", height: int = 380) -> go.Figure:
+    """A blank chart carrying a message where the curves will appear."""
+    fig = go.Figure()
+    fig.update_layout(**{**LAYOUT, "height": height}, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                      annotations=[dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper",
+                                        showarrow=False, font=dict(size=14, color="#64748b"))])
+    return fig
+
+
+def smooth(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing), ``weight`` in [0, 1)."""
+    weight = min(max(float(weight or 0.0), 0.0), 0.999)
+    if weight == 0:
+        return list(values)
+    out, last, n = [], 0.0, 0
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out.append(None)
+            continue
+        n += 1
+        last = last * weight + (1 - weight) * v
+        out.append(last / (1 - weight ** n))
+    return out
+
+
+def split_metrics(points: Iterable[dict[str, Any]]) -> dict[str, list]:
+    """Columns from metric points: ``step``/``loss``/``lr`` of training steps, ``val_step``/``val_loss``.
+
+    Accepts the records ``core.train`` writes (``{"type": "step", ...}``, ``{"type": "eval", ...}``) or
+    any dicts holding ``step`` and one of ``loss`` / ``val_loss`` / ``lr``.
+    """
+    cols: dict[str, list] = {"step": [], "loss": [], "lr": [], "val_step": [], "val_loss": []}
+    for p in points:
+        step = p.get("step")
+        if step is None:
+            continue
+        if p.get("loss") is not None:
+            cols["step"].append(step)
+            cols["loss"].append(p["loss"])
+            cols["lr"].append(p.get("lr"))
+        if p.get("val_loss") is not None:
+            cols["val_step"].append(step)
+            cols["val_loss"].append(p["val_loss"])
+    order = sorted(range(len(cols["step"])), key=cols["step"].__getitem__)
+    for key in ("step", "loss", "lr"):
+        cols[key] = [cols[key][i] for i in order]
+    vorder = sorted(range(len(cols["val_step"])), key=cols["val_step"].__getitem__)
+    for key in ("val_step", "val_loss"):
+        cols[key] = [cols[key][i] for i in vorder]
+    return cols
+
+
+def loss_figure(series: Sequence[tuple[str, Iterable[dict[str, Any]]]], smoothing: float = 0.0,
+                log_scale: bool = False, show_lr: bool = True) -> go.Figure:
+    """Training and validation loss against step for one or more jobs, learning rate on a second axis.
+
+    ``series`` is ``[(label, metric points), ...]``; each job gets one colour: a solid (smoothed) training
+    loss with the raw curve faint behind it, a dashed validation loss with markers, a dotted learning rate.
+    """
+    fig = go.Figure()
+    any_data = False
+    for i, (label, points) in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        cols = split_metrics(points)
+        group = f"job{i}"
+        if cols["step"]:
+            any_data = True
+            if smoothing and smoothing > 0:
+                fig.add_trace(go.Scatter(x=cols["step"], y=cols["loss"], mode="lines", name=f"{label} raw",
+                                         line=dict(color=color, width=1), opacity=0.25, legendgroup=group,
+                                         showlegend=False, hoverinfo="skip"))
+            fig.add_trace(go.Scatter(x=cols["step"], y=smooth(cols["loss"], smoothing), mode="lines",
+                                     name=f"{label} · train loss", line=dict(color=color, width=2),
+                                     legendgroup=group))
+        if cols["val_step"]:
+            any_data = True
+            fig.add_trace(go.Scatter(x=cols["val_step"], y=cols["val_loss"], mode="lines+markers",
+                                     name=f"{label} · val loss", line=dict(color=color, width=2, dash="dash"),
+                                     marker=dict(size=7, symbol="diamond"), legendgroup=group))
+        if show_lr and cols["step"] and any(v is not None for v in cols["lr"]):
+            fig.add_trace(go.Scatter(x=cols["step"], y=cols["lr"], mode="lines", name=f"{label} · lr",
+                                     line=dict(color=color, width=1, dash="dot"), yaxis="y2", legendgroup=group,
+                                     opacity=0.7))
+    if not any_data:
+        return empty_figure("No metrics yet: the curves appear as soon as the job logs its first step")
+    fig.update_layout(**LAYOUT, hovermode="x unified",
+                      xaxis=dict(title="step", rangemode="tozero"),
+                      yaxis=dict(title="loss", type="log" if log_scale else "linear"),
+                      yaxis2=dict(title="learning rate", overlaying="y", side="right", showgrid=False,
+                                  rangemode="tozero", exponentformat="e"))
+    return fig
+
+
+def accuracy_bars(rows: Sequence[dict[str, Any]]) -> go.Figure:
+    """Grouped bars: one group per benchmark, one bar per model. Rows hold model, benchmark, accuracy (0-1)."""
+    rows = [r for r in rows if r.get("accuracy") is not None]
+    if not rows:
+        return empty_figure("No results yet: pick models and benchmarks, then run the evaluations")
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = go.Figure()
+    for i, model in enumerate(models):
+        acc = {r["benchmark"]: r["accuracy"] for r in rows if r["model"] == model}
+        fig.add_trace(go.Bar(x=benchmarks, y=[100 * acc[b] if b in acc else None for b in benchmarks],
+                             name=model, marker_color=PALETTE[i % len(PALETTE)],
+                             text=[f"{100 * acc[b]:.1f}" if b in acc else "" for b in benchmarks],
+                             textposition="outside"))
+    fig.update_layout(**LAYOUT, barmode="group", yaxis=dict(title="accuracy (%)", range=[0, 105]),
+                      xaxis=dict(title="benchmark"))
+    return fig
+
+
+def accuracy_scatter(points: Sequence[dict[str, Any]]) -> go.Figure:
+    """Mean accuracy against trainable parameters (log x). Points hold model, trainable, accuracy, method."""
+    points = [p for p in points if p.get("accuracy") is not None]
+    if not points:
+        return empty_figure("No results yet")
+    fig = go.Figure()
+    methods = list(dict.fromkeys(p.get("method") or "base" for p in points))
+    for i, method in enumerate(methods):
+        mine = [p for p in points if (p.get("method") or "base") == method]
+        fig.add_trace(go.Scatter(
+            x=[max(p.get("trainable") or 0, 1) for p in mine], y=[100 * p["accuracy"] for p in mine],
+            mode="markers+text", name=method, text=[p["model"] for p in mine], textposition="top center",
+            marker=dict(size=13, color=PALETTE[i % len(PALETTE)], line=dict(width=1, color="#1e293b")),
+            hovertemplate="%{text}<br>%{x:,} trainable<br>%{y:.1f}%<extra></extra>"))
+    fig.update_layout(**LAYOUT, xaxis=dict(title="trainable parameters (base model = 1)", type="log"),
+                      yaxis=dict(title="mean accuracy (%)", range=[0, 105]))
+    return fig

@@ -1,0 +1,175 @@
+"""Cheap estimates for a planned run: trainable parameters, adapter file size, training memory.
+
+Nothing is loaded: the base model is built from its config on the ``meta`` device (shapes without
+storage, a few milliseconds for a 135M model) and the adapter is attached to it exactly as training
+would, so the count *is* ``trainable_report`` of the real run, not a formula that could drift from the
+adapters. Only the model config is read from disk (or the hub), once per model per process.
+
+The memory figure is rough (stated as such in the UI): frozen weights in the compute dtype, adapter
+weights + gradients + AdamW moments in fp32, and activations kept for the backward pass::
+
+    activations ~ layers * micro_batch * seq * (10 h + 4 i + heads * seq) * bytes(dtype)
+    logits      ~ micro_batch * seq * vocab * 8          (fp32 logits and their gradient)
+
+with ``h`` the hidden size, ``i`` the MLP width and ``seq`` the cut-off length (an upper bound: rows
+are padded only to the longest row of their micro-batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from typing import Any
+
+import torch
+
+from .config import AdapterConfig, ConfigError, DataSettings, ModelSettings, TrainSettings
+from .inject import adapter_state_dict, attach, trainable_report
+
+_configs: dict[tuple[str, bool], Any] = {}
+_configs_lock = threading.Lock()
+
+ADAM_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + two fp32 AdamW moments
+LOGIT_BYTES = 8  # fp32 logits and their gradient, per position per vocabulary entry
+
+
+def model_config(settings: ModelSettings) -> Any:
+    """The ``transformers`` config of ``settings.name``, read once per process.
+
+    Raises ``ConfigError('model.name', ...)`` with the loader's explanation when it cannot be read.
+    """
+    key = (str(settings.name).strip(), bool(settings.trust_remote_code))
+    with _configs_lock:
+        if key in _configs:
+            return _configs[key]
+    from transformers import AutoConfig
+
+    from .models import ModelLoadError, resolve_source
+
+    if not key[0]:
+        raise ConfigError("model.name", "name a model")
+    try:
+        source = resolve_source(key[0])
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=key[1])
+    except ModelLoadError as err:
+        raise ConfigError("model.name", str(err)) from None
+    except Exception as err:  # transformers raises many kinds (OSError, ValueError, HTTP errors)
+        raise ConfigError("model.name", f"could not read the config of {key[0]!r}: "
+                                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+    with _configs_lock:
+        _configs[key] = cfg
+    return cfg
+
+
+def meta_model(settings: ModelSettings) -> torch.nn.Module:
+    """The base model's modules with shapes but no storage (``meta`` device)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_config(settings)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=settings.trust_remote_code)
+    except Exception as err:
+        raise ConfigError("model.name", f"{settings.name!r} is not a causal language model this workbench can "
+                                        f"build ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def safetensors_size(shapes: dict[str, tuple[int, ...]], bytes_per_value: int = 4) -> int:
+    """The size in bytes of a safetensors file holding tensors of these shapes (no metadata).
+
+    The format is an 8-byte header length, a JSON header (padded with spaces to 8 bytes) and the raw
+    data; tensors are laid out in name order, as ``safetensors.torch.save_file`` writes them.
+    """
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        n = math.prod(shapes[name]) * bytes_per_value
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"))
+    padded = -(-len(text.encode()) // 8) * 8
+    return 8 + padded + offset
+
+
+def _dtype_bytes(settings: ModelSettings) -> tuple[str, int]:
+    from .models import ModelLoadError, resolve_device, resolve_dtype
+
+    try:
+        dtype = resolve_dtype(settings.precision, resolve_device(settings.device))
+    except ModelLoadError as err:
+        raise ConfigError("model.device", str(err)) from None
+    return str(dtype).replace("torch.", ""), torch.empty((), dtype=dtype).element_size()
+
+
+def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
+             data: DataSettings | None = None, train: TrainSettings | None = None) -> dict[str, Any]:
+    """What training ``adapter_cfg`` on ``model_settings`` would cost, without loading any weights.
+
+    Returns ``trainable``, ``base``, ``percent``, ``per_kind``, ``modules`` (exactly
+    ``trainable_report`` of the attached model), ``adapter_bytes`` (the fp32 ``adapter.safetensors``),
+    ``memory_bytes`` and its parts (``memory_parts``), and the model's ``model_type``, ``layers``,
+    ``hidden_size`` and ``dtype``. Raises ``ConfigError`` naming the field for invalid settings.
+    """
+    data = data or DataSettings()
+    train = train or TrainSettings()
+    try:
+        model_settings.validate()
+    except ConfigError as err:
+        raise err.within("model") from None
+    try:
+        adapter_cfg.validate()
+    except ConfigError as err:
+        raise err.within("adapter") from None
+    cfg = model_config(model_settings)
+    if adapter_cfg.method == "prompt":  # the count does not depend on how the prompt is initialised
+        adapter_cfg = dataclasses.replace(adapter_cfg, settings=dataclasses.replace(adapter_cfg.settings,
+                                                                                   init="random"))
+    model = meta_model(model_settings)
+    try:
+        with torch.device("meta"):
+            attach(model, adapter_cfg)
+    except ConfigError as err:
+        raise (err if err.field.startswith(("adapter.", "model.")) else err.within("adapter")) from None
+    report = trainable_report(model)
+    shapes = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+
+    dtype_name, nbytes = _dtype_bytes(model_settings)
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 1)
+    inner = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "ffn_dim", 0)
+                or getattr(cfg, "n_inner", 0) or 4 * hidden)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    seq = int(data.cutoff_len) + _virtual_tokens(adapter_cfg)
+    micro = int(train.micro_batch_size)
+    parts = {
+        "weights": report["base"] * nbytes,
+        "adapter_and_optimizer": report["trainable"] * ADAM_BYTES_PER_PARAM,
+        "activations": layers * micro * seq * (10 * hidden + 4 * inner + heads * seq) * nbytes,
+        "logits": micro * seq * vocab * LOGIT_BYTES,
+    }
+    return {**report, "adapter_bytes": safetensors_size(shapes), "memory_bytes": sum(parts.values()),
+            "memory_parts": parts, "model_type": cfg.model_type, "layers": layers, "hidden_size": hidden,
+            "dtype": dtype_name, "seq_len": seq, "micro_batch_size": micro}
+
+
+def _virtual_tokens(cfg: AdapterConfig) -> int:
+    return int(getattr(cfg.settings, "num_virtual_tokens", 0) or 0)
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KB'`` (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def human_count(n: float) -> str:
+    """``1234567`` -> ``'1.23M'``."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
