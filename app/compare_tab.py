@@ -7,8 +7,6 @@ scatter of accuracy against trainable parameters, and the examples on which the 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import tempfile
 from dataclasses import dataclass
@@ -26,109 +24,35 @@ POLL_SECONDS = 3.0
 MAX_DISAGREEMENTS = 200
 
 
-def eval_key(ev: dict[str, Any]) -> str:
-    """Which model an evaluation belongs to: ``job:<id>`` for an adapter, ``base:<name>`` for a base model."""
-    return f"{JOB_PREFIX}{ev['job_id']}" if ev.get("job_id") is not None else f"{BASE_PREFIX}{ev['base_model']}"
-
-
-def model_facts(key: str, jobs_by_id: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Label, method and trainable parameters of a model key."""
-    if key.startswith(JOB_PREFIX):
-        job = jobs_by_id.get(int(key[len(JOB_PREFIX):])) or {}
-        info = job.get("info") or {}
-        result = job.get("result") or {}
-        spec = job.get("spec") or {}
-        trainable = info.get("trainable") or result.get("trainable_params")
-        return {"label": f"#{job.get('id', key[len(JOB_PREFIX):])} {job.get('name') or ''}".strip(),
-                "method": (spec.get("adapter") or {}).get("method", ""), "trainable": trainable}
-    name = key[len(BASE_PREFIX):]
-    return {"label": f"base: {Path(name).name if Path(name).is_absolute() else name}", "method": "base",
-            "trainable": 0}
-
-
-def latest_results(evaluations: list[dict[str, Any]], keys: list[str] | None = None) -> dict[tuple[str, str], dict]:
-    """The newest evaluation per (model key, benchmark), restricted to ``keys`` when given."""
-    out: dict[tuple[str, str], dict] = {}
-    for ev in sorted(evaluations, key=lambda e: e["id"]):
-        key = eval_key(ev)
-        if keys and key not in keys:
-            continue
-        out[(key, ev["benchmark"])] = ev
-    return out
-
-
-def results_table(latest: dict[tuple[str, str], dict], jobs_by_id: dict[int, dict[str, Any]]):
-    """(headers, rows, long rows for the charts). Accuracy in % with correct/total; a mean column."""
-    benchmarks = sorted({b for _, b in latest})
-    keys = list(dict.fromkeys(k for k, _ in sorted(latest, key=lambda kb: (not kb[0].startswith(BASE_PREFIX), kb))))
+def results_table(matrix: dict[str, Any]):
+    """(headers, rows, long rows for the bar chart, points for the scatter) from the service's matrix."""
+    benchmarks = matrix["benchmarks"]
     headers = ["model", "method", "trainable params", *benchmarks, "mean"]
     rows, long_rows, points = [], [], []
-    for key in keys:
-        facts = model_facts(key, jobs_by_id)
-        accs, cells = [], []
+    for r in matrix["rows"]:
+        cells, accs = [], []
         for b in benchmarks:
-            ev = latest.get((key, b))
-            if ev is None:
-                cells.append("")
-                continue
-            accs.append(ev["accuracy"])
-            cells.append(f"{100 * ev['accuracy']:.1f} ({ev['correct']}/{ev['total']})")
-            long_rows.append({"model": facts["label"], "benchmark": b, "accuracy": ev["accuracy"]})
+            res = r["results"].get(b)
+            cells.append(f"{100 * res['accuracy']:.1f} ({res['correct']}/{res['total']})" if res else "")
+            if res:
+                accs.append(res["accuracy"])
+                long_rows.append({"model": r["label"], "benchmark": b, "accuracy": res["accuracy"]})
         mean = sum(accs) / len(accs) if accs else None
-        trainable = facts["trainable"]
-        rows.append([facts["label"], facts["method"], f"{trainable:,}" if trainable else "0",
-                     *cells, f"{100 * mean:.1f}" if mean is not None else ""])
-        points.append({"model": facts["label"], "method": facts["method"], "trainable": trainable or 0,
-                       "accuracy": mean})
+        trainable = r["trainable_params"] or 0
+        rows.append([r["label"], r["method"], f"{trainable:,}", *cells, f"{100 * mean:.1f}" if mean is not None else ""])
+        points.append({"model": r["label"], "method": r["method"], "trainable": trainable, "accuracy": mean})
     return headers, rows, long_rows, points
 
 
-def disagreements(service: Any, latest: dict[tuple[str, str], dict], benchmark: str | None,
-                  jobs_by_id: dict[int, dict[str, Any]], only_disagreeing: bool = True):
-    """(headers, rows): per example of ``benchmark``, the question, the gold answer and each model's answer.
-
-    ``only_disagreeing`` keeps the examples whose answers (or correctness) differ between models; with a
-    single model there is nothing to disagree with, and every example is listed.
-    """
-    if not benchmark:
-        return ["question", "gold"], []
-    evs = [(k, ev) for (k, b), ev in latest.items() if b == benchmark]
-    if not evs:
-        return ["question", "gold"], []
-    labels = [model_facts(k, jobs_by_id)["label"] for k, _ in evs]
-    by_model = [{s["index"]: s for s in service.eval_samples(ev["id"])} for _, ev in evs]
-    indices = sorted(set().union(*[set(m) for m in by_model]))
-    rows = []
-    for i in indices:
-        samples = [m.get(i) for m in by_model]
-        first = next(s for s in samples if s is not None)
-        answers = [None if s is None else (s.get("extracted") or "", bool(s.get("correct"))) for s in samples]
-        present = [a for a in answers if a is not None]
-        differ = len({a[0] for a in present}) > 1 or len({a[1] for a in present}) > 1
-        if only_disagreeing and len(evs) > 1 and (len(present) < 2 or not differ):
-            continue
-        cells = ["" if a is None else f"{'✓' if a[1] else '✗'} {a[0] or '(none)'}" for a in answers]
-        rows.append([first.get("question", ""), first.get("gold") or "", *cells])
-        if len(rows) >= MAX_DISAGREEMENTS:
-            break
-    return ["question", "gold", *labels], rows
-
-
-def to_csv(headers: list[str], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(headers)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def to_markdown(headers: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(map(cell, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def disagreement_table(service: Any, matrix: dict[str, Any], benchmark: str | None, only_disagreeing: bool = True):
+    """(headers, rows): per example of ``benchmark``, the question, the gold answer and each model's answer."""
+    evs = {r["label"]: r["results"][benchmark]["evaluation_id"] for r in matrix["rows"]
+           if benchmark and benchmark in r["results"]}
+    rows = service.disagreements(evs, only_disagreeing, limit=MAX_DISAGREEMENTS) if evs else []
+    cells = [[r["question"], r["gold"] or "",
+              *[f"{'✓' if a['correct'] else '✗'} {a['extracted'] or '(none)'}" for a in r["answers"].values()]]
+             for r in rows]
+    return ["question", "gold", *evs], cells
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,18 +90,17 @@ def run_evaluations(service: Any, models: list[str] | None, benchmarks: list[str
 
 
 def results(service: Any, models: list[str] | None, benchmark: str | None, only_disagreeing: bool) -> tuple:
-    """(table, bar chart, scatter, benchmark choices, disagreement table, state for export)."""
-    jobs_by_id = {j["id"]: j for j in service.list_jobs(kind="train")}
-    latest = latest_results(service.list_evaluations(), models or None)
-    headers, rows, long_rows, points = results_table(latest, jobs_by_id)
-    benchmarks = sorted({b for _, b in latest})
+    """(table, bar chart, scatter, benchmark choices, disagreement table, the matrix for export)."""
+    matrix = service.comparison(models or None)
+    headers, rows, long_rows, points = results_table(matrix)
+    benchmarks = matrix["benchmarks"]
     if benchmark not in benchmarks:
         benchmark = benchmarks[0] if benchmarks else None
-    d_headers, d_rows = disagreements(service, latest, benchmark, jobs_by_id, only_disagreeing)
-    table = gr.update(value={"headers": headers, "data": rows} if rows else {"headers": headers, "data": []})
+    d_headers, d_rows = disagreement_table(service, matrix, benchmark, only_disagreeing)
+    table = gr.update(value={"headers": headers, "data": rows})
     dis = gr.update(value={"headers": d_headers, "data": d_rows})
     return (table, accuracy_bars(long_rows), accuracy_scatter(points),
-            gr.update(choices=benchmarks, value=benchmark), dis, {"headers": headers, "rows": rows})
+            gr.update(choices=benchmarks, value=benchmark), dis, matrix)
 
 
 def results_signature(service: Any) -> str:
@@ -186,12 +109,12 @@ def results_signature(service: Any) -> str:
     return json.dumps([[e["id"] for e in evs], [(j["id"], j["status"]) for j in active]])
 
 
-def export(table: dict | None, fmt: str) -> dict:
-    """A file of the accuracy table, CSV or Markdown."""
-    if not table or not table.get("rows"):
+def export(service: Any, matrix: dict | None, fmt: str) -> dict:
+    """A file of the accuracy matrix, CSV or Markdown (written by the service)."""
+    if not matrix or not matrix.get("rows"):
         warn("Nothing to export yet: run some evaluations first.")
         return gr.skip()
-    text = to_csv(table["headers"], table["rows"]) if fmt == "csv" else to_markdown(table["headers"], table["rows"])
+    text = service.comparison_csv(matrix) if fmt == "csv" else service.comparison_markdown(matrix)
     folder = Path(tempfile.mkdtemp(prefix="workbench-export-"))
     path = folder / f"accuracy.{'csv' if fmt == 'csv' else 'md'}"
     path.write_text(text)
@@ -219,7 +142,7 @@ class CompareTab:
     csv_button: Any
     md_button: Any
     export_file: Any
-    exported: Any  # gr.State: the table behind the export buttons
+    exported: Any  # gr.State: the matrix behind the export buttons
     timer: Any
     seen: Any
 
@@ -287,5 +210,5 @@ def _wire(tab: CompareTab, service: Any) -> None:
         return (*results(service, models, benchmark, only), sig)
 
     tab.timer.tick(guarded(7)(poll), [*inputs, tab.seen], [*tab.result_outputs, tab.seen], show_progress="hidden")
-    tab.csv_button.click(lambda t: export(t, "csv"), tab.exported, tab.export_file)
-    tab.md_button.click(lambda t: export(t, "md"), tab.exported, tab.export_file)
+    tab.csv_button.click(lambda m: export(service, m, "csv"), tab.exported, tab.export_file)
+    tab.md_button.click(lambda m: export(service, m, "md"), tab.exported, tab.export_file)

@@ -35,7 +35,9 @@ class ComparisonAPI:
             if (models and key not in models) or (benchmarks and ev["benchmark"] not in benchmarks):
                 continue
             latest[(key, ev["benchmark"])] = ev
-        keys = list(dict.fromkeys(models or [k for k, _ in latest]))
+        # base models first, then jobs by id (unless the caller chose an order)
+        keys = list(dict.fromkeys(models or sorted({k for k, _ in latest},
+                                                    key=lambda k: (k.startswith(JOB_KEY), _job_number(k), k))))
         names = list(dict.fromkeys(benchmarks or sorted({b for _, b in latest})))
         rows = []
         for key in keys:
@@ -84,7 +86,8 @@ class ComparisonAPI:
                       limit: int | None = 200) -> list[dict[str, Any]]:
         """Per question: the gold answer and each model's answer (from ``{label: evaluation id}``).
 
-        With ``only_disagreeing`` (the default) only questions the models answer differently are kept.
+        With ``only_disagreeing`` (the default) only questions the models answer differently are kept;
+        a single model has nothing to disagree with, and all its questions are listed.
         """
         samples = {label: {s["index"]: s for s in self.eval_samples(ev_id)} for label, ev_id in evaluation_ids.items()}
         if not samples:
@@ -96,7 +99,7 @@ class ComparisonAPI:
             answers = {label: s[index] for label, s in samples.items()}
             extracted = {a["extracted"] for a in answers.values()}
             verdicts = {a["correct"] for a in answers.values()}
-            if only_disagreeing and len(extracted) <= 1 and len(verdicts) <= 1:
+            if only_disagreeing and len(samples) > 1 and len(extracted) <= 1 and len(verdicts) <= 1:
                 continue
             rows.append({"index": index, "question": first["question"], "gold": first["gold"],
                          "answers": {label: {"extracted": a["extracted"], "correct": a["correct"],
@@ -104,6 +107,10 @@ class ComparisonAPI:
             if limit and len(rows) >= limit:
                 break
         return rows
+
+
+def _job_number(key: str) -> int:
+    return int(key[len(JOB_KEY):]) if key.startswith(JOB_KEY) else -1
 
 
 def _num(value: Any, fmt: str = "{:.4g}") -> str:

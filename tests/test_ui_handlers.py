@@ -321,10 +321,10 @@ def test_compare_matrix_disagreements_and_export(service, form, tiny_model_dir):
     assert rows[0][0].startswith("base:") and rows[1][2] == "1,234" and rows[1][3].startswith("100.0")
     assert bench["value"] == "toy" and len(bars.data) == 2
     assert [r[0] for r in dis["value"]["data"]] == ["q1", "q2"]  # q0: both right, no disagreement
-    assert "|" in compare_tab.to_markdown(exported["headers"], exported["rows"])
-    assert compare_tab.to_csv(exported["headers"], exported["rows"]).startswith("model,method")
-    path = compare_tab.export(exported, "csv")["value"]
+    assert "| toy |" in service.comparison_markdown(exported).splitlines()[0]
+    path = compare_tab.export(service, exported, "csv")["value"]
     assert Path(path).read_text().startswith("model,method")
+    assert "| 100.0 |" in Path(compare_tab.export(service, exported, "md")["value"]).read_text()
 
 
 def test_compare_run_evaluations_validates_first(service, form, tiny_model_dir):
