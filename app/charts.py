@@ -146,3 +146,85 @@ def accuracy_scatter(points: Sequence[dict[str, Any]]) -> go.Figure:
     fig.update_layout(**LAYOUT, xaxis=dict(title="trainable parameters (base model = 1)", type="log"),
                       yaxis=dict(title="mean accuracy (%)", range=[0, 105]))
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Study charts: rows are ``core.study.analyse`` configs (method, placement, setting, value, mean, std,
+# trainable_params, config), accuracies in 0-1.
+
+def _pct(values: Sequence[float | None]) -> list[float | None]:
+    return [None if v is None else 100 * v for v in values]
+
+
+def study_placement_bars(configs: Sequence[dict[str, Any]]) -> go.Figure:
+    """Accuracy by placement: one group per method, one bar per placement (best value of each), ± std."""
+    rows = [c for c in configs if c.get("placement") and c.get("mean") is not None]
+    if not rows:
+        return empty_figure("No placement results yet (methods without placements are not shown)")
+    methods = list(dict.fromkeys(c["method"] for c in rows))
+    placements = list(dict.fromkeys(c["placement"] for c in rows))
+    best: dict[tuple[str, str], dict] = {}
+    for c in rows:  # configs come best first: keep the best value per (method, placement)
+        best.setdefault((c["method"], c["placement"]), c)
+    fig = go.Figure()
+    for i, place in enumerate(placements):
+        cells = [best.get((m, place)) for m in methods]
+        fig.add_trace(go.Bar(
+            x=methods, y=_pct([c["mean"] if c else None for c in cells]), name=place,
+            marker_color=PALETTE[i % len(PALETTE)],
+            error_y=dict(type="data", array=_pct([c["std"] if c else 0 for c in cells]), visible=True),
+            text=[f"{100 * c['mean']:.1f}" if c else "" for c in cells], textposition="outside",
+            customdata=[c["config"] if c else "" for c in cells],
+            hovertemplate="%{customdata}<br>%{y:.1f}%<extra></extra>"))
+    fig.update_layout(**LAYOUT, barmode="group", title=dict(text="accuracy by placement", x=0.5, y=0.98),
+                      yaxis=dict(title="accuracy (%)", range=[0, 105]), xaxis=dict(title="method"))
+    return fig
+
+
+def study_value_lines(configs: Sequence[dict[str, Any]]) -> go.Figure:
+    """Accuracy against the hyperparameter value (rank, bottleneck, virtual tokens): a line per method
+    (and placement, where a method has several), ± std."""
+    rows = [c for c in configs if c.get("mean") is not None and isinstance(c.get("value"), (int, float))]
+    if not rows:
+        return empty_figure("No results yet")
+    places: dict[str, set] = {}
+    for c in rows:
+        places.setdefault(c["method"], set()).add(c.get("placement"))
+    groups: dict[str, list[dict]] = {}
+    for c in rows:
+        label = f"{c['method']} ({c['setting']})"
+        if len(places[c["method"]]) > 1:
+            label = f"{c['method']} @{c['placement']} ({c['setting']})"
+        groups.setdefault(label, []).append(c)
+    fig = go.Figure()
+    for i, (label, mine) in enumerate(groups.items()):
+        mine = sorted(mine, key=lambda c: c["value"])
+        fig.add_trace(go.Scatter(
+            x=[c["value"] for c in mine], y=_pct([c["mean"] for c in mine]), mode="lines+markers", name=label,
+            line=dict(color=PALETTE[i % len(PALETTE)], width=2), marker=dict(size=8),
+            error_y=dict(type="data", array=_pct([c["std"] for c in mine]), visible=True),
+            customdata=[c["config"] for c in mine], hovertemplate="%{customdata}<br>%{y:.1f}%<extra></extra>"))
+    fig.update_layout(**LAYOUT, title=dict(text="accuracy by hyperparameter value", x=0.5, y=0.98),
+                      xaxis=dict(title="value (rank / bottleneck / virtual tokens)", type="log"),
+                      yaxis=dict(title="accuracy (%)", range=[0, 105]))
+    return fig
+
+
+def study_params_scatter(configs: Sequence[dict[str, Any]]) -> go.Figure:
+    """Mean accuracy against trainable parameters (log x), one colour per method, ± std."""
+    rows = [c for c in configs if c.get("mean") is not None]
+    if not rows:
+        return empty_figure("No results yet")
+    fig = go.Figure()
+    for i, method in enumerate(dict.fromkeys(c["method"] for c in rows)):
+        mine = [c for c in rows if c["method"] == method]
+        fig.add_trace(go.Scatter(
+            x=[max(c.get("trainable_params") or 0, 1) for c in mine], y=_pct([c["mean"] for c in mine]),
+            mode="markers", name=method,
+            error_y=dict(type="data", array=_pct([c["std"] for c in mine]), visible=True),
+            marker=dict(size=12, color=PALETTE[i % len(PALETTE)], line=dict(width=1, color="#1e293b")),
+            text=[c["config"] for c in mine], hovertemplate="%{text}<br>%{x:,} trainable<br>%{y:.1f}%<extra></extra>"))
+    fig.update_layout(**LAYOUT, title=dict(text="accuracy against trainable parameters", x=0.5, y=0.98),
+                      xaxis=dict(title="trainable parameters", type="log"),
+                      yaxis=dict(title="accuracy (%)", range=[0, 105]))
+    return fig

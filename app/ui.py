@@ -1,4 +1,4 @@
-"""The page: four tabs (Train, Jobs, Chat, Compare) wired to one ``JobService``.
+"""The page: five tabs (Train, Jobs, Chat, Compare, Study) wired to one ``JobService``.
 
 ``build_demo(service)`` draws the tabs and the few links between them (Launch jumps to the job;
 Clone fills the Train tab); ``launch_options()`` gives what ``demo.launch`` needs (theme, CSS, upload
@@ -12,10 +12,10 @@ from typing import Any
 
 import gradio as gr
 
-from . import chat_tab, compare_tab, jobs_tab, train_tab
+from . import chat_tab, compare_tab, jobs_tab, study_tab, train_tab
 from .common import CSS, error_text, warn
 
-TRAIN, JOBS, CHAT, COMPARE = "train", "jobs", "chat", "compare"
+TRAIN, JOBS, CHAT, COMPARE, STUDY = "train", "jobs", "chat", "compare", "study"
 TITLE = "Adapter Workbench"
 MAX_UPLOAD = "50mb"
 
@@ -82,10 +82,17 @@ def build_demo(service: Any) -> gr.Blocks:
                 chat = chat_tab.build_chat_tab(service)
             with gr.Tab("Compare", id=COMPARE) as compare_item:
                 compare = compare_tab.build_compare_tab(service)
+            with gr.Tab("Study", id=STUDY) as study_item:
+                study = study_tab.build_study_tab(service, train)
 
         timers = [jobs.timer, compare.timer]
-        for item, name in [(train_item, TRAIN), (jobs_item, JOBS), (chat_item, CHAT), (compare_item, COMPARE)]:
+        tab_items = [(train_item, TRAIN), (jobs_item, JOBS), (chat_item, CHAT), (compare_item, COMPARE),
+                     (study_item, STUDY)]
+        for item, name in tab_items:
             item.select(lambda name=name: timers_for(name), None, timers, queue=False, show_progress="hidden")
+            # the Study timer polls only while its tab is shown (kept apart: ``timers_for`` is the Jobs/Compare pair)
+            item.select(lambda name=name: gr.update(active=(name == STUDY)), None, study.timer, queue=False,
+                        show_progress="hidden")
         train.launch_event.then(lambda j: goto_job(service, j), train.launched_job, [tabs, jobs.job, *timers])
         jobs.clone_event.then(lambda s: train_tab.fill_from_spec(train, s), jobs.clone_spec,
                               train_tab.fill_outputs(train)).then(
@@ -117,8 +124,16 @@ def build_demo(service: Any) -> gr.Blocks:
         demo.load(plan, train.form.components, train.plan_outputs)
         demo.load(safe(lambda j: initial_job(service, j), 1), jobs.job, jobs.job)
         demo.load(chat_refresh, [chat.primary, chat.others], chat.option_outputs)
+        study_refresh = safe(lambda s: study_tab.refresh_studies(service, s), 1)
+        study_results = safe(lambda s, b: study_tab.results(service, s, b), len(study.result_outputs))
+        study_base = safe(lambda b: gr.update(choices=study_tab.base_choices(service), value=b), 1)
+        study_item.select(study_refresh, study.study, study.study, show_progress="hidden").then(
+            study_base, study.base, study.base, show_progress="hidden")
+        demo.load(study_refresh, study.study, study.study).then(
+            study_results, [study.study, study.benchmark], study.result_outputs)
         demo.load(compare_models, compare.models, compare.models).then(
             compare_results, compare_inputs, compare.result_outputs)
     demo.queue(default_concurrency_limit=4)
-    demo.workbench = {"train": train, "jobs": jobs, "chat": chat, "compare": compare, "tabs": tabs}
+    demo.workbench = {"train": train, "jobs": jobs, "chat": chat, "compare": compare, "study": study,
+                      "tabs": tabs}
     return demo
