@@ -14,8 +14,8 @@ import pytest
 import core
 from core.train import latest_checkpoint
 from jobs import JobService, Worker, start_worker_thread
-from tests.test_jobs_support import (cli, make_service, start_worker_process, tiny_spec, wait_final, wait_for,
-                                     write_data)
+from tests.test_jobs_support import (cli, make_service, start_worker_process, tiny_spec, wait_dead, wait_final,
+                                     wait_for, write_data)
 
 
 @pytest.fixture
@@ -173,6 +173,7 @@ def test_kill_worker_and_child_then_resume_matches_uninterrupted_run(service, ti
     finally:
         worker.kill()
         worker.wait(10)
+    wait_dead(pid)
     assert service.get(victim)["status"] == "running"  # nobody has noticed yet
 
     new_worker = Worker(service, poll_s=0.1)

@@ -63,19 +63,20 @@ def test_an_old_database_is_migrated_not_replaced(tmp_path, monkeypatch):
     svc.dispose()
 
     calls = []
+    nxt = jobs_db.latest_version() + 1
 
-    def m2(conn):
-        calls.append(2)
+    def add_note(conn):
+        calls.append(nxt)
         jobs_db.add_column(conn, "jobs", sa.Column("note", sa.String(50), nullable=True))
 
-    monkeypatch.setattr(jobs_db, "MIGRATIONS", jobs_db.MIGRATIONS + [(2, "a note per job", m2)])
+    monkeypatch.setattr(jobs_db, "MIGRATIONS", jobs_db.MIGRATIONS + [(nxt, "a note per job", add_note)])
     engine = jobs_db.make_engine(url)
-    assert jobs_db.migrate(engine) == 2
-    assert jobs_db.migrate(engine) == 2 and calls == [2]  # applied once
+    assert jobs_db.migrate(engine) == nxt
+    assert jobs_db.migrate(engine) == nxt and calls == [nxt]  # applied once
     with engine.connect() as conn:
         assert "note" in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
         assert conn.exec_driver_sql("SELECT name FROM jobs").scalar() == "kept"
-        assert jobs_db.schema_version(conn) == 2
+        assert jobs_db.schema_version(conn) == nxt
     engine.dispose()
 
     monkeypatch.setattr(jobs_db, "MIGRATIONS", jobs_db.MIGRATIONS[:1])

@@ -53,6 +53,18 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def wait_dead(pid: int, timeout: float = 30.0) -> None:
+    """Until ``pid`` is gone or a zombie: a SIGKILL is delivered asynchronously, slowly on a loaded machine."""
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            return True
+        return state in ("Z", "X")
+
+    wait_for(gone, timeout, what=f"pid {pid} to die")
+
+
 def wait_final(service: JobService, job_id: int, timeout: float = 90.0) -> dict:
     return wait_for(lambda: (lambda j: j if j["status"] not in ("queued", "running") else None)(service.get(job_id)),
                     timeout, what=f"job {job_id} to finish")

@@ -11,7 +11,7 @@ import pytest
 from core.study import StudySpec
 from jobs import JobService, Worker
 from jobs.db import MIGRATIONS, migrate
-from tests.test_jobs_support import make_service, start_worker_process, tiny_spec, wait_for, write_data
+from tests.test_jobs_support import make_service, start_worker_process, tiny_spec, wait_dead, wait_for, write_data
 
 QUESTIONS = [{"instruction": f"What is {a} plus 2?", "input": "", "output": "", "answer": str(a + 2)}
              for a in range(3)]
@@ -85,6 +85,7 @@ def test_study_survives_a_worker_restart(service, tiny_model_dir, tmp_path):
     finally:
         worker.kill()
         worker.wait(10)
+    wait_dead(pid)
     restarted = Worker(service, poll_s=0.1)
     assert first in restarted.recover()
     cells = service.get_study(study_id)["cells"]
