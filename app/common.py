@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import tempfile
+from pathlib import Path
 import logging
 import time
 from typing import Any, Callable
@@ -93,3 +95,10 @@ def fmt_float(value: Any, digits: int = 4) -> str:
         return f"{float(value):.{digits}f}"
     except (TypeError, ValueError):
         return str(value)
+
+
+def download_file(text: str, filename: str) -> dict:
+    """Write ``text`` to a fresh temporary folder as ``filename`` and show it in a File component."""
+    path = Path(tempfile.mkdtemp(prefix="workbench-export-")) / filename
+    path.write_text(text)
+    return gr.update(value=str(path), visible=True)

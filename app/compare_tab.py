@@ -8,16 +8,14 @@ scatter of accuracy against trainable parameters, and the examples on which the 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from .charts import accuracy_bars, accuracy_scatter
 from .chat_tab import BASE_PREFIX, JOB_PREFIX, model_options
-from .common import error_text, error_update, guarded, warn
+from .common import download_file, error_text, error_update, guarded, warn
 from .train_tab import benchmark_choices
 
 POLL_SECONDS = 3.0
@@ -115,10 +113,7 @@ def export(service: Any, matrix: dict | None, fmt: str) -> dict:
         warn("Nothing to export yet: run some evaluations first.")
         return gr.skip()
     text = service.comparison_csv(matrix) if fmt == "csv" else service.comparison_markdown(matrix)
-    folder = Path(tempfile.mkdtemp(prefix="workbench-export-"))
-    path = folder / f"accuracy.{'csv' if fmt == 'csv' else 'md'}"
-    path.write_text(text)
-    return gr.update(value=str(path), visible=True)
+    return download_file(text, f"accuracy.{'csv' if fmt == 'csv' else 'md'}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,9 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -26,7 +24,7 @@ from core.config import ConfigError, JobSpec, METHOD_SETTINGS
 from core.study import PLACEMENTS, VALUE_SETTING, StudySpec, hyperparameter_study, placement_study
 
 from .charts import empty_figure, study_params_scatter, study_placement_bars, study_value_lines
-from .common import error_text, error_update, fmt_duration, guarded, warn
+from .common import download_file, error_text, error_update, fmt_duration, guarded, warn
 from .train_tab import METHOD_LABELS, benchmark_choices, spec_from_form
 
 POLL_SECONDS = 5.0
@@ -316,10 +314,7 @@ def export(service: Any, study_id: Any, fmt: str) -> dict:
     name = service.get_study(int(study_id))["name"]
     text = {"md": lambda: f"# {name}\n\n{report['markdown']}", "csv": lambda: csv_text(report["analysis"]),
             "html": lambda: html_text(name, report["analysis"])}[fmt]()
-    folder = Path(tempfile.mkdtemp(prefix="workbench-export-"))
-    path = folder / f"study{int(study_id)}.{fmt}"
-    path.write_text(text)
-    return gr.update(value=str(path), visible=True)
+    return download_file(text, f"study{int(study_id)}.{fmt}")
 
 
 # --------------------------------------------------------------------------------------------------
