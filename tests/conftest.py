@@ -19,3 +19,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def _workbench_home(tmp_path, monkeypatch):
     """Every test gets its own WORKBENCH_HOME, so nothing touches the user's data."""
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A job service on a temporary database and home."""
+    from tests.test_jobs_support import make_service
+
+    svc = make_service(tmp_path)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """A small arithmetic training file (24 rows)."""
+    from tests.test_jobs_support import write_data
+
+    return write_data(tmp_path / "rows.json")

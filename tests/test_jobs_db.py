@@ -20,19 +20,7 @@ from jobs import JobError, JobNotFound
 from jobs import db as jobs_db
 from jobs.run import run_job
 from jobs.schema import Base
-from tests.test_jobs_support import REPO, child_env, cli, make_service, tiny_spec, write_data
-
-
-@pytest.fixture
-def service(tmp_path):
-    svc = make_service(tmp_path)
-    yield svc
-    svc.close()
-
-
-@pytest.fixture
-def data(tmp_path):
-    return write_data(tmp_path / "rows.json")
+from tests.test_jobs_support import REPO, child_env, cli, make_service, tiny_spec
 
 
 def count_rows(service, table: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,14 @@ def wait_dead(pid: int, timeout: float = 30.0) -> None:
         return state in ("Z", "X")
 
     wait_for(gone, timeout, what=f"pid {pid} to die")
+
+
+def kill_worker_and_child(worker: subprocess.Popen, pid: int) -> None:
+    """``kill -9`` a worker process and a job's child process group, and wait until both are gone."""
+    worker.kill()
+    os.killpg(pid, signal.SIGKILL)
+    worker.wait(10)
+    wait_dead(pid)
 
 
 def wait_final(service: JobService, job_id: int, timeout: float = 90.0) -> dict:

@@ -9,12 +9,9 @@ import pytest
 import torch
 
 import core
-from core import AdapterConfig, ConfigError, JobSpec
+from core import AdapterConfig, ConfigError
 from core.train import TrainCallbacks, Trainer, latest_checkpoint, plan_epoch, train
-
-ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} + {b} = {a + b}. The answer is {a + b}."}
-        for a in range(1, 7) for b in range(2, 6)]
-
+from tests.test_jobs_support import ROWS, tiny_spec
 
 def write_rows(path, rows=ROWS):
     if path.suffix == ".json":
@@ -27,21 +24,6 @@ def write_rows(path, rows=ROWS):
             writer.writeheader()
             writer.writerows(rows)
     return path
-
-
-def tiny_spec(model_dir, data_path, **train) -> JobSpec:
-    spec = JobSpec(name="tiny")
-    spec.model.name = str(model_dir)
-    spec.model.precision = "fp32"
-    spec.adapter = AdapterConfig.for_method("lora", r=4, alpha=8)
-    spec.data.source = str(data_path)
-    spec.data.val_size = 4
-    spec.train.batch_size, spec.train.micro_batch_size = 4, 2
-    spec.train.learning_rate, spec.train.warmup_steps = 1e-2, 1
-    spec.train.max_steps, spec.train.eval_every, spec.train.save_every = 6, 3, 3
-    for key, value in train.items():
-        setattr(spec.train, key, value)
-    return spec
 
 
 class Recorder(TrainCallbacks):
