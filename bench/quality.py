@@ -11,6 +11,7 @@ Last line: ``addsub_gain_points: <adapter - base accuracy, in points>``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ def main() -> None:
             return time.perf_counter() - self.start > args.minutes * 60
 
     if not args.skip_train:
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run: no metrics or checkpoints of an older one
         result = train(spec, out, Budget())
         print(f"# training: {result.status} after {result.steps}/{result.total_steps} steps, "
               f"{result.elapsed_s / 60:.1f} min, final loss {result.final_loss:.4f}, "

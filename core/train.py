@@ -7,7 +7,8 @@ Where the time goes on a CPU, and what this loop does about it:
 - padding: examples are grouped by length (shuffled chunks sorted by length, then batches shuffled),
   micro-batches padded only to their own longest row;
 - the vocabulary projection: logits are computed only at positions whose next token is labelled
-  (prompt tokens masked from the loss never reach the 49k-wide head).
+  (prompt tokens masked from the loss never reach the 49k-wide head), a chunk of tokens at a time,
+  with their gradient made at once (``head_loss``): no full logits tensor is ever kept.
 
 The loss of an optimiser step is the mean over every labelled token of the whole batch, however it is
 cut into micro-batches, so gradient accumulation does not change the maths.
@@ -26,12 +27,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
 from .arch import arch_for, get_backbone
 from .config import ConfigError, JobSpec
+from .head_loss import head_loss
 from .inject import adapter_params, attach, load_adapter, save_adapter, trainable_report
 from .models import load_model, resolve_device, resolve_dtype
 
@@ -222,10 +223,10 @@ class Trainer:
         labels = batch["labels"].to(self.device)
         with self._autocast():
             hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            targets = labels[:, 1:]
-            keep = targets != -100
-            logits = self.head(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        targets = labels[:, 1:]
+        keep = targets != -100
+        with self._autocast():
+            loss = head_loss(self.head, hidden[:, :-1][keep], targets[keep])
         return loss, int(keep.sum())
 
     @torch.no_grad()

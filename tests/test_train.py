@@ -73,6 +73,41 @@ def test_fast_loss_equals_the_models_own_loss(tiny_model_dir, tmp_path):
     torch.testing.assert_close(fast / count, reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_loss_equals_plain_cross_entropy(monkeypatch, dtype, bias):
+    """Loss and gradient of the chunked head path equal ``F.cross_entropy`` on the full logits."""
+    from core import head_loss as module
+
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 3 * 50)  # chunks of 3 tokens over a 50-word vocabulary
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).to(dtype).requires_grad_(False)
+    hidden = torch.randn(10, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (10,))
+    loss = module.head_loss(head, hidden, targets)
+    (2 * loss).backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(head(ref_hidden).float(), targets, reduction="sum")
+    (2 * ref).backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == dtype
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss, ref, **tol)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, **tol)
+
+
+def test_head_loss_without_grad_and_with_a_trainable_head():
+    from core.head_loss import head_loss
+
+    head = torch.nn.Linear(8, 20)  # trainable: the plain path, so the head gets its gradient
+    hidden, targets = torch.randn(5, 8), torch.randint(0, 20, (5,))
+    head_loss(head, hidden, targets).backward()
+    assert head.weight.grad is not None
+    head.requires_grad_(False)
+    with torch.no_grad():
+        value = head_loss(head, hidden, targets)
+    torch.testing.assert_close(value, torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum"))
+
+
 def test_prompt_tokens_carry_no_loss(tiny_model_dir, tmp_path):
     trainer = Trainer(tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json")), tmp_path / "out")
     trainer.setup()
