@@ -8,7 +8,9 @@ Where the time goes on a CPU, and what this loop does about it:
   micro-batches padded only to their own longest row;
 - the vocabulary projection: logits are computed only at positions whose next token is labelled
   (prompt tokens masked from the loss never reach the 49k-wide head), a chunk of tokens at a time,
-  with their gradient made at once (``head_loss``): no full logits tensor is ever kept.
+  with their gradient made at once (``head_loss``): no full logits tensor is ever kept;
+- memory passes: LLaMA-style RMSNorms take a three-pass forward and a hand-written backward
+  (``fast_norm``) instead of the upcasting original.
 
 The loss of an optimiser step is the mean over every labelled token of the whole batch, however it is
 cut into micro-batches, so gradient accumulation does not change the maths.
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from . import fast_norm
 from .arch import arch_for, get_backbone
 from .config import ConfigError, JobSpec
 from .head_loss import head_loss
@@ -173,6 +176,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         attach(self.model, spec.adapter, tokenizer=self.tokenizer)
+        fast_norm.patch(self.model)
         spec_arch = arch_for(self.model, spec.adapter.arch)
         self.backbone = get_backbone(self.model, spec_arch)
         self.head = self.model.get_output_embeddings()

@@ -183,14 +183,14 @@ def test_kill_worker_and_child_then_resume_matches_uninterrupted_run(service, ti
     start = int(checkpoint.name.split("-")[1])
     mine = train_losses(service, resumed)
     assert sorted(mine) == list(range(start + 1, 13))
-    assert [mine[s] for s in sorted(mine)] == pytest.approx([full[s] for s in sorted(mine)], abs=1e-6)
+    assert [mine[s] for s in sorted(mine)] == pytest.approx([full[s] for s in sorted(mine)], rel=1e-6)
     before = train_losses(service, victim)
-    assert [before[s] for s in range(1, start + 1)] == pytest.approx([full[s] for s in range(1, start + 1)], abs=1e-6)
+    assert [before[s] for s in range(1, start + 1)] == pytest.approx([full[s] for s in range(1, start + 1)], rel=1e-6)
     chain = service.metrics(resumed, history=True)
     steps = [p["step"] for p in chain if p["type"] == "step"]
     assert steps == list(range(1, 13))
-    assert [p["loss"] for p in chain if p["type"] == "step"] == pytest.approx([full[s] for s in steps], abs=1e-6)
-    assert job["best_val_loss"] == pytest.approx(service.get(reference)["best_val_loss"], abs=1e-6)
+    assert [p["loss"] for p in chain if p["type"] == "step"] == pytest.approx([full[s] for s in steps], rel=1e-6)
+    assert job["best_val_loss"] == pytest.approx(service.get(reference)["best_val_loss"], rel=1e-6)
 
 
 def test_two_workers_run_each_job_once(service, tiny_model_dir, data):

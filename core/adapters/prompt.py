@@ -82,7 +82,9 @@ class VirtualTokens(AdapterModule):
         if not self._strip:
             return None
         self._strip = False
-        output.last_hidden_state = output.last_hidden_state[:, self.n:]
+        # contiguous: a strided (batch, length, hidden) view makes the bf16 LM head ~12x slower on a CPU
+        # (measured: 1.47 s against 0.12 s for 8 x 128 tokens of SmolLM2's 49k vocabulary)
+        output.last_hidden_state = output.last_hidden_state[:, self.n:].contiguous()
         if getattr(output, "hidden_states", None) is not None:
             output.hidden_states = tuple(h[:, self.n:] for h in output.hidden_states)
         return output
