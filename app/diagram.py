@@ -184,9 +184,7 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
         add(_text(px + 90, y_attn + 68, "joins k and v in every layer", size=11, italic=True, color=amber))
     y = y_attn_out
     if "attn" in series:
-        add(_line(CX, y, CX, y + 14))
-        add(_box(x0 + 30, y + 14, COL_W - 60, 28, f"series adapter ({s.get('bottleneck', '?')})", TRAIN))
-        y += 42
+        y = _series_box(out, x0, y, s)
     y_add1 = y + 30
     add(_line(CX, y, CX, y_add1 - 10))
     if "attn" in parallel:
@@ -217,9 +215,7 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
              size=12))
     y = y_mlp + mlp_h
     if "mlp" in series:
-        add(_line(CX, y, CX, y + 14))
-        add(_box(x0 + 30, y + 14, COL_W - 60, 28, f"series adapter ({s.get('bottleneck', '?')})", TRAIN))
-        y += 42
+        y = _series_box(out, x0, y, s)
     y_add2 = y + 30
     add(_line(CX, y, CX, y_add2 - 10))
     if "mlp" in parallel:
@@ -249,6 +245,13 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
            f'aria-label="{caption}">{defs}{"".join(out)}</svg>')
     return (f'<div class="block-diagram"><div style="font-size:13px;margin:0 0 6px 0;color:#92400e">'
             f'<b>Where it sits:</b> {caption}</div>{svg}</div>')
+
+
+def _series_box(out: list[str], x0: float, y: float, s: dict[str, Any]) -> float:
+    """A series adapter box on the main path below ``y``; returns where the path continues."""
+    out.append(_line(CX, y, CX, y + 14))
+    out.append(_box(x0 + 30, y + 14, COL_W - 60, 28, f"series adapter ({s.get('bottleneck', '?')})", TRAIN))
+    return y + 42
 
 
 def _parallel(out: list[str], x0: float, y_in: float, y_out: float, s: dict[str, Any]) -> None:
