@@ -152,12 +152,8 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
 
     # Attention half.
     y_res1, y_norm1, y_attn = y, y + 36, y + 86
-    add(_line(CX, y_res1, CX, y_norm1))
-    add(_box(x0 + 40, y_norm1, COL_W - 80, 26, "norm", FROZEN, size=12))
-    add(_line(CX, y_norm1 + 26, CX, y_attn))
     attn_h = 112
-    add(f'<rect x="{x0}" y="{y_attn}" width="{COL_W}" height="{attn_h}" rx="8" fill="#f8fafc" stroke="#94a3b8"/>')
-    add(_text(x0 + 8, y_attn + 15, "self-attention", size=11, anchor="start", bold=True))
+    _norm_and_frame(out, x0, y_res1, y_norm1, y_attn, attn_h, "self-attention")
     bw = (COL_W - 40) / 3
     centres = {}
     for i, role in enumerate("qkv"):
@@ -196,12 +192,8 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
     # MLP half.
     y_norm2 = y_add1 + 34
     y_mlp = y_norm2 + 48
-    add(_line(CX, y_add1 + 10, CX, y_norm2))
-    add(_box(x0 + 40, y_norm2, COL_W - 80, 26, "norm", FROZEN, size=12))
-    add(_line(CX, y_norm2 + 26, CX, y_mlp))
     mlp_h = 90
-    add(f'<rect x="{x0}" y="{y_mlp}" width="{COL_W}" height="{mlp_h}" rx="8" fill="#f8fafc" stroke="#94a3b8"/>')
-    add(_text(x0 + 8, y_mlp + 15, "MLP", size=11, anchor="start", bold=True))
+    _norm_and_frame(out, x0, y_add1 + 10, y_norm2, y_mlp, mlp_h, "MLP")
     half = (COL_W - 30) / 2
     for i, role in enumerate(("gate", "up")):
         bx = x0 + 10 + i * (half + 10)
@@ -245,6 +237,17 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
            f'aria-label="{caption}">{defs}{"".join(out)}</svg>')
     return (f'<div class="block-diagram"><div style="font-size:13px;margin:0 0 6px 0;color:#92400e">'
             f'<b>Where it sits:</b> {caption}</div>{svg}</div>')
+
+
+def _norm_and_frame(out: list[str], x0: float, y_from: float, y_norm: float, y_block: float, height: float,
+                    title: str) -> None:
+    """The path from ``y_from`` through a frozen norm into the frame of a sub-block (attention or MLP)."""
+    out.append(_line(CX, y_from, CX, y_norm))
+    out.append(_box(x0 + 40, y_norm, COL_W - 80, 26, "norm", FROZEN, size=12))
+    out.append(_line(CX, y_norm + 26, CX, y_block))
+    out.append(f'<rect x="{x0}" y="{y_block}" width="{COL_W}" height="{height}" rx="8" fill="#f8fafc" '
+               f'stroke="#94a3b8"/>')
+    out.append(_text(x0 + 8, y_block + 15, title, size=11, anchor="start", bold=True))
 
 
 def _series_box(out: list[str], x0: float, y: float, s: dict[str, Any]) -> float:

@@ -14,7 +14,7 @@ import pytest
 import core
 from core.train import latest_checkpoint
 from jobs import JobService, Worker, start_worker_thread
-from tests.test_jobs_support import (cli, make_service, start_worker_process, tiny_spec, kill_worker_and_child, wait_final,
+from tests.test_jobs_support import (cli, make_service, start_worker_process, tiny_spec, kill_worker_mid_job, wait_final,
                                      wait_for, write_data)
 
 
@@ -152,16 +152,7 @@ def test_kill_worker_and_child_then_resume_matches_uninterrupted_run(service, ti
     spec = tiny_spec(tiny_model_dir, data, dropout=0.1, max_steps=12, eval_every=4, save_every=4)
     reference = service.submit(spec)
     victim = service.submit(spec)
-    pid = None
-    worker = start_worker_process(service, "--concurrency", "2", WORKBENCH_TEST_STEP_DELAY="0.2")
-    try:
-        wait_for(lambda: service.get(victim)["progress"]["step"] >= 6, 90, what="the victim past its checkpoint")
-        pid = service.get(victim)["pid"]
-    finally:
-        if pid is None:
-            worker.kill()
-            worker.wait(10)
-    kill_worker_and_child(worker, pid)
+    kill_worker_mid_job(service, victim, 6, "0.2", "--concurrency", "2")  # past its step-4 checkpoint
     assert service.get(victim)["status"] == "running"  # nobody has noticed yet
 
     new_worker = Worker(service, poll_s=0.1)

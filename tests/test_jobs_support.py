@@ -66,8 +66,20 @@ def wait_dead(pid: int, timeout: float = 30.0) -> None:
     wait_for(gone, timeout, what=f"pid {pid} to die")
 
 
-def kill_worker_and_child(worker: subprocess.Popen, pid: int) -> None:
-    """``kill -9`` a worker process and a job's child process group, and wait until both are gone."""
+def kill_worker_mid_job(service: JobService, job_id: int, min_step: int, step_delay: str,
+                        *worker_args: str) -> None:
+    """Start a worker process, let job ``job_id`` pass step ``min_step``, then ``kill -9`` the worker
+    and the job's child process group, and wait until both are gone."""
+    pid = None
+    worker = start_worker_process(service, *worker_args, WORKBENCH_TEST_STEP_DELAY=step_delay)
+    try:
+        wait_for(lambda: service.get(job_id)["progress"]["step"] >= min_step, 90,
+                 what=f"job {job_id} past step {min_step}")
+        pid = service.get(job_id)["pid"]
+    finally:
+        if pid is None:
+            worker.kill()
+            worker.wait(10)
     worker.kill()
     os.killpg(pid, signal.SIGKILL)
     worker.wait(10)

@@ -7,7 +7,7 @@ import json
 from core.study import StudySpec
 from jobs import JobService, Worker
 from jobs.db import MIGRATIONS, migrate
-from tests.test_jobs_support import kill_worker_and_child, start_worker_process, tiny_spec, wait_for, write_data
+from tests.test_jobs_support import kill_worker_mid_job, tiny_spec, write_data
 
 QUESTIONS = [{"instruction": f"What is {a} plus 2?", "input": "", "output": "", "answer": str(a + 2)}
              for a in range(3)]
@@ -65,16 +65,7 @@ def test_study_survives_a_worker_restart(service, tiny_model_dir, tmp_path):
     spec.methods, spec.values = ["lora"], {"lora": [2, 4]}
     study_id = service.submit_study(spec)
     first = service.get_study(study_id)["cells"][0]["job_id"]
-    pid = None
-    worker = start_worker_process(service, WORKBENCH_TEST_STEP_DELAY="0.3")
-    try:
-        wait_for(lambda: service.get(first)["progress"]["step"] >= 3, 90, what="a checkpoint of the first job")
-        pid = service.get(first)["pid"]
-    finally:
-        if pid is None:
-            worker.kill()
-            worker.wait(10)
-    kill_worker_and_child(worker, pid)
+    kill_worker_mid_job(service, first, 3, "0.3")  # past its step-2 checkpoint
     restarted = Worker(service, poll_s=0.1)
     assert first in restarted.recover()
     cells = service.get_study(study_id)["cells"]
