@@ -3,9 +3,10 @@
 The plain route (``F.cross_entropy(head(h).float(), y)``) keeps a tokens x vocabulary logits tensor in
 two precisions until the backward pass and makes five passes over it (cast, log-softmax, its backward,
 cast back, matmul); with SmolLM2's 49k vocabulary that is ~0.3 GB per 1,000 labelled tokens and, on a
-CPU, memory-bound passes of ~50 ms each. Here each chunk of tokens makes its logits, its loss (fp32
-log-softmax) and the gradient of the loss with respect to the hidden states (softmax minus one-hot,
-through the head's weight) at once; the backward pass only scales that stored gradient. Only valid
+CPU, memory-bound passes of ~50 ms each. Here each chunk of tokens makes its logits and one fp32
+softmax, and from it both its loss (``-log p_y``) and the gradient of the loss with respect to the
+hidden states (softmax minus one-hot, through the head's weight); the backward pass only scales that
+stored gradient. Only valid
 because the head is frozen (every adapter here leaves it so), which ``head_loss`` checks.
 """
 
@@ -31,10 +32,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk, None]
             logits = F.linear(h, weight, bias)
-            total -= torch.log_softmax(logits, -1, dtype=torch.float32).gather(1, y).sum()
+            # One fp32 softmax serves both the loss (-log p_y) and the gradient (p - onehot).
+            probs = torch.softmax(logits, -1, dtype=torch.float32)
+            nll = probs.gather(1, y).log_().neg_()
+            if torch.isinf(nll).any():  # p_y underflowed (a logit gap > ~87): take the exact route
+                nll = torch.log_softmax(logits, -1, dtype=torch.float32).gather(1, y).neg_()
+            total += nll.sum()
             if want_grad:
-                probs = torch.softmax(logits, -1, dtype=torch.float32) if logits.dtype == torch.float16 \
-                    else torch.softmax(logits, -1)  # fp16 probabilities would underflow; bf16/fp32 are fine
                 probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0))
                 grad[start:start + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)

@@ -151,6 +151,29 @@ def test_lora_parameter_count_matches_formula():
     assert core.trainable_report(model)["trainable"] == per_layer * cfg.num_hidden_layers
 
 
+@pytest.mark.parametrize("dropout,bias", [(0.1, False), (0.0, True)])
+def test_lora_training_function_equals_the_autograd_graph(monkeypatch, dropout, bias):
+    """The written-out bf16 training route gives the output and gradients of the plain expression."""
+    base = torch.nn.Linear(48, 40, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    lora = LoraLinear(base, r=4, alpha=8, dropout=dropout).train()
+    torch.nn.init.normal_(lora.lora_B[0])  # B starts at zero; make the branch matter
+    x0 = torch.randn(3, 5, 48).to(torch.bfloat16)
+    results = []
+    for fused in (True, False):
+        assert lora._fused_path(x0)
+        if not fused:
+            monkeypatch.setattr(LoraLinear, "_fused_path", lambda self, x: False)
+        lora.zero_grad()
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(0)  # the same dropout mask on both routes
+        y = lora(x)
+        (y.float() * torch.linspace(-1, 1, 40)).sum().backward()
+        results.append((y, x.grad, lora.lora_A.grad, lora.lora_B[0].grad))
+    for got, ref in zip(*results):
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got.float(), ref.float(), atol=3e-2, rtol=2e-2)
+
+
 def test_fused_qkv_lora_counts_like_separate_layers():
     fused = core.trainable_report(adapted("gpt2", "lora", targets=["q", "v"]))["trainable"]
     assert fused == 2 * 32 * (32 + 32) * 2  # two roles, r=32, in=out=32, two layers

@@ -95,6 +95,24 @@ def test_chunked_head_loss_equals_plain_cross_entropy(monkeypatch, dtype, bias):
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, **tol)
 
 
+def test_head_loss_is_exact_when_the_target_probability_underflows():
+    """A logit gap beyond fp32's range (p_y == 0 after softmax) still gives the finite, exact loss."""
+    from core.head_loss import head_loss
+
+    head = torch.nn.Linear(2, 3, bias=False).requires_grad_(False)
+    head.weight.copy_(torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 1.0]]))
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    targets = torch.tensor([1, 2])  # the first row's target sits 200 nats below the best logit
+    loss = head_loss(head, hidden, targets)
+    loss.backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(head(ref_hidden), targets, reduction="sum")
+    ref.backward()
+    assert torch.isfinite(loss) and loss.item() > 200
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad)
+
+
 def test_head_loss_without_grad_and_with_a_trainable_head():
     from core.head_loss import head_loss
 

@@ -54,8 +54,9 @@ class FastDropout(nn.Module):
     """Inverted dropout whose mask costs half the random numbers of ``nn.Dropout`` on a CPU.
 
     On a CPU the random-number generator, not the arithmetic, is the cost of dropout (a third of a
-    LoRA training step on SmolLM2, measured). Each 32-bit draw here yields two 16-bit uniforms, enough
-    resolution (1/65536) for any dropout rate. Elsewhere it is plain ``F.dropout``.
+    LoRA training step on SmolLM2, measured). A 64-bit draw costs what a 32-bit one does (3.3 vs 3.6 ns
+    here), so each draw here yields four 16-bit uniforms, enough resolution (1/65536) for any dropout
+    rate: a quarter of the draws of ``nn.Dropout``. Elsewhere it is plain ``F.dropout``.
 
     Modules given the same ``share`` dict reuse one mask when called on the very same input tensor
     (LoRA on q, k and v reads one normalised hidden state): one mask instead of three.
@@ -78,7 +79,7 @@ class FastDropout(nn.Module):
             out = nn.functional.dropout(x, self.p, True) * (1.0 if self.rescale else 1.0 - self.p)
         else:
             n = x.numel()
-            bits = torch.randint(-2**31, 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32).view(torch.int16)[:n]
+            bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
             out = x * (bits.view(x.shape) >= int(-32768 + self.p * 65536))
             if self.rescale:
                 out = out * (1.0 / (1.0 - self.p))

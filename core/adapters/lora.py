@@ -18,6 +18,53 @@ from ..arch import in_out_features, is_conv1d
 from .base import AdapterModule, FastDropout
 
 
+class _LoraTrainFn(torch.autograd.Function):
+    """``y = x W^T + b + (xd (sa A)^T) (sb B)^T`` for a frozen low-precision ``W``, forward and backward.
+
+    ``xd`` is the dropped-out ``x`` (or ``x`` itself). Written out, a training step makes one GEMM per
+    product with the LoRA update accumulated into the base output in place, and casts ``A``/``B`` once
+    per call, where the autograd graph of the same expression makes ~35 operations per module (casts,
+    scalings, an extra pass to add the branch). The gradients for ``A`` and ``B`` come back in their
+    own dtype (fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, lora_a, lora_b, a_scale: float, b_scale: float):
+        dtype = weight.dtype
+        a = (lora_a * a_scale).to(dtype)
+        b = (lora_b * b_scale).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
+        h = xd2 @ a.t()
+        y = F.linear(x2, weight, bias)
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(xd2, h, a, b, weight)
+        ctx.shared_input = xd is x
+        ctx.scales = (a_scale, b_scale)
+        ctx.param_dtype = lora_a.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xd2, h, a, b, weight = ctx.saved_tensors
+        a_scale, b_scale = ctx.scales
+        g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        dh = g @ b
+        grad_b = (g.t() @ h).to(ctx.param_dtype).mul_(b_scale)
+        grad_a = (dh.t() @ xd2).to(ctx.param_dtype).mul_(a_scale)
+        shape = (*grad.shape[:-1], weight.shape[1])
+        grad_x = grad_xd = None
+        if ctx.shared_input:  # no dropout: both paths flow into x, one GEMM accumulates them
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.addmm(dh @ a, g, weight).view(shape)
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ weight).view(shape)
+            if ctx.needs_input_grad[1]:
+                grad_xd = (dh @ a).view(shape)
+        return grad_x, grad_xd, None, None, grad_a, grad_b, None, None
+
+
 class LoraLinear(AdapterModule):
     """LoRA around a linear layer.
 
@@ -62,17 +109,29 @@ class LoraLinear(AdapterModule):
         return delta.index_copy(0, self.out_index, rows) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if not self.enabled or self.merged:
-            return y
-        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.lora_A.dtype
+            return self.base(x)
         # Scalars (dropout's 1 / (1 - p), alpha / r) are folded into the small A and B, not the activations.
-        a = self.lora_A * (1.0 / (1.0 - self.p)) if self.training and self.p > 0 else self.lora_A
+        a_scale = 1.0 / (1.0 - self.p) if self.training and self.p > 0 else 1.0
+        if self._fused_path(x):
+            return _LoraTrainFn.apply(x, self.dropout(x), self.base.weight, self.base.bias,
+                                      self.lora_A, self.lora_B[0], a_scale, self.scaling)
+        y = self.base(x)
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self.lora_A.dtype
+        a = self.lora_A * a_scale if a_scale != 1.0 else self.lora_A
         h = F.linear(self.dropout(x).to(dtype), a.to(dtype))
         if self.out_index is None:
             return y + F.linear(h, (self.lora_B[0] * self.scaling).to(dtype)).to(y.dtype)
         outs = [F.linear(part, (B * self.scaling).to(dtype)) for part, B in zip(h.split(self.r, -1), self.lora_B)]
         return y.index_add(-1, self.out_index, torch.cat(outs, -1).to(y.dtype))
+
+    def _fused_path(self, x: torch.Tensor) -> bool:
+        """Training a plain frozen ``nn.Linear`` in bf16/fp16: the one-function route (``_LoraTrainFn``)."""
+        weight = self.base.weight
+        return (self.training and torch.is_grad_enabled() and self.out_index is None
+                and type(self.base) is nn.Linear and x.dtype in (torch.bfloat16, torch.float16)
+                and weight.dtype == x.dtype and not weight.requires_grad
+                and (self.base.bias is None or not self.base.bias.requires_grad))
 
     @torch.no_grad()
     def merge(self) -> None:
