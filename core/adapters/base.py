@@ -80,7 +80,11 @@ class FastDropout(nn.Module):
         else:
             n = x.numel()
             bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
-            out = x * (bits.view(x.shape) >= int(-32768 + self.p * 65536))
+            # The comparison writes its 0/1 mask straight in x's dtype: multiplying by a bool tensor
+            # (here and again in the backward pass) is ~9x slower than by a bf16 one on this CPU.
+            keep = torch.ge(bits.view(x.shape), int(-32768 + self.p * 65536),
+                            out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+            out = x * keep
             if self.rescale:
                 out = out * (1.0 / (1.0 - self.p))
         if self.share is not None:
