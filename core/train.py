@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import fast_norm
+from . import fast_attention, fast_norm
 from .arch import arch_for, get_backbone
 from .config import ConfigError, JobSpec
 from .head_loss import head_loss
@@ -160,8 +160,10 @@ class Trainer:
         loaded = load_model(spec.model, dtype=self.dtype if self.dtype != torch.float32 else None)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if self.device.type == "cpu" and hasattr(self.model, "set_attn_implementation"):
-            # Measured on SmolLM2 with ~130-token rows: eager attention trains 16% faster than SDPA on CPU.
-            self.model.set_attn_implementation("eager")
+            # Measured on SmolLM2 with ~130-token rows: eager attention trains 16% faster than SDPA on CPU,
+            # and the grouped eager attention of ``fast_attention`` faster still.
+            if not fast_attention.patch(self.model):
+                self.model.set_attn_implementation("eager")
 
         records = data_mod.load_records(spec.data.source, spec.data.columns, spec.data.limit)
         train_rows, val_rows = data_mod.split_records(records, spec.data.val_size, t.seed)

@@ -239,3 +239,38 @@ def test_fast_rms_norm_matches_the_original_in_bf16_and_is_untouched_in_fp32():
         assert out.dtype == ref.dtype == dtype
         torch.testing.assert_close(out, ref, **tol)
         torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_attention_matches_eager_attention(dtype):
+    """Same loss and gradients as HF eager attention on a grouped-query model with a left-padded row."""
+    import copy
+
+    from core import fast_attention
+    from tests.tiny import tiny_model, toy_batch
+
+    eager = tiny_model("llama").train()
+    eager.set_attn_implementation("eager")
+    grouped = copy.deepcopy(eager)
+    assert fast_attention.patch(grouped) and grouped.config._attn_implementation == fast_attention.NAME
+    assert eager.config.num_attention_heads != eager.config.num_key_value_heads
+    batch = toy_batch(length=11)
+    results = []
+    for model in (grouped, eager):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**batch).loss
+        loss.backward()
+        layer = model.model.layers[0].self_attn
+        results.append((loss, layer.q_proj.weight.grad, layer.k_proj.weight.grad, layer.v_proj.weight.grad))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for got, ref in zip(*results):
+        torch.testing.assert_close(got, ref, **tol)
+
+
+def test_grouped_attention_is_for_the_llama_family_only():
+    from core import fast_attention
+    from tests.tiny import tiny_model
+
+    gpt2 = tiny_model("gpt2")
+    before = gpt2.config._attn_implementation
+    assert not fast_attention.patch(gpt2) and gpt2.config._attn_implementation == before
