@@ -33,7 +33,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
             h, y = hidden[start:start + chunk], targets[start:start + chunk, None]
             logits = F.linear(h, weight, bias)
             # One fp32 softmax serves both the loss (-log p_y) and the gradient (p - onehot).
-            probs = torch.softmax(logits, -1, dtype=torch.float32)
+            probs = logits.to(torch.float32, copy=True)  # logits stay for the underflow route
+            torch.ops.aten._softmax.out(probs, -1, False, out=probs)  # in place: one fp32 buffer, not two
             nll = probs.gather(1, y).log_().neg_()
             if torch.isinf(nll).any():  # p_y underflowed (a logit gap > ~87): take the exact route
                 nll = torch.log_softmax(logits, -1, dtype=torch.float32).gather(1, y).neg_()

@@ -274,3 +274,11 @@ def test_grouped_attention_is_for_the_llama_family_only():
     gpt2 = tiny_model("gpt2")
     before = gpt2.config._attn_implementation
     assert not fast_attention.patch(gpt2) and gpt2.config._attn_implementation == before
+
+
+def test_training_process_keeps_freed_memory_on_glibc():
+    import platform
+
+    from core.host_memory import retain_freed_memory
+
+    assert retain_freed_memory() == (platform.libc_ver()[0] == "glibc")
