@@ -6,8 +6,8 @@ cast back, matmul); with SmolLM2's 49k vocabulary that is ~0.3 GB per 1,000 labe
 CPU, memory-bound passes of ~50 ms each. Here each chunk of tokens makes its logits and one fp32
 softmax, and from it both its loss (``-log p_y``) and the gradient of the loss with respect to the
 hidden states (softmax minus one-hot, through the head's weight); the backward pass only scales that
-stored gradient. Only valid
-because the head is frozen (every adapter here leaves it so), which ``head_loss`` checks.
+stored gradient. Only valid because the head is frozen (every adapter here leaves it so), which
+``head_loss`` checks.
 """
 
 from __future__ import annotations
