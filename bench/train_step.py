@@ -64,7 +64,8 @@ def main() -> None:
     n = args.steps
     print(f"# {args.method} on {args.data}: {n} steps, {tokens} tokens, {seconds / n:.2f} s per step, "
           f"{(after.ru_minflt - before.ru_minflt) / n:,.0f} page faults and "
-          f"{(after.ru_stime - before.ru_stime) / n:.2f} s system time per step")
+          f"{(after.ru_stime - before.ru_stime) / n:.2f} s system time per step, "
+          f"peak RSS {after.ru_maxrss / 1024:,.0f} MB")
     if args.profile:
         from torch.profiler import profile
 

@@ -161,6 +161,7 @@ class Trainer:
         self.device = resolve_device(spec.model.device)
         if self.device.type == "cpu":
             host_memory.retain_freed_memory()
+            host_memory.limit_onednn_cache()
         self.dtype = resolve_dtype(spec.model.precision, self.device)
         loaded = load_model(spec.model, dtype=self.dtype if self.dtype != torch.float32 else None)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer

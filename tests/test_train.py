@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -282,3 +283,14 @@ def test_training_process_keeps_freed_memory_on_glibc():
     from core.host_memory import retain_freed_memory
 
     assert retain_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_onednn_cache_limit_is_a_default_the_user_can_override(monkeypatch):
+    from core import host_memory
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    host_memory.limit_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(host_memory.ONEDNN_CACHE_ENTRIES)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    host_memory.limit_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
