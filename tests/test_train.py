@@ -294,3 +294,19 @@ def test_onednn_cache_limit_is_a_default_the_user_can_override(monkeypatch):
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
     host_memory.limit_onednn_cache()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+
+
+def test_cli_spec_prints_the_default_spec_and_ends_quietly_on_a_closed_pipe(capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from core.__main__ import main
+
+    assert main(["spec"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(core.JobSpec().to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "core", "spec"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the spec is written, as with `| head -1`
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
