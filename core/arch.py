@@ -84,6 +84,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+def is_llama_family(model: nn.Module) -> bool:
+    """Whether ``model``'s type shares LLaMA's row of the table (LLaMA, Mistral, Qwen2, Qwen3)."""
+    return ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None)) is _LLAMA
+
+
 class UnsupportedArchitecture(ConfigError):
     """The model type is not in the table; the message lists the linear layers to name by hand."""
 

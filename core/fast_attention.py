@@ -21,6 +21,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from .arch import is_llama_family
+
 NAME = "workbench_eager"
 
 
@@ -48,12 +50,9 @@ AttentionInterface.register(NAME, grouped_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, eager_mask)
 
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-
-
 def patch(model: nn.Module) -> bool:
     """Make a LLaMA-family ``model`` use ``grouped_attention``; False (nothing changed) for any other."""
-    if getattr(model.config, "model_type", None) not in LLAMA_FAMILY:
+    if not is_llama_family(model):
         return False
     try:
         model.set_attn_implementation(NAME)

@@ -13,7 +13,8 @@ Where the time goes on a CPU, and what this loop does about it:
   (``fast_norm``) instead of the upcasting original; grouped-query attention runs without copying
   key/value heads (``fast_attention``); LoRA on a frozen bf16 linear trains through one written-out
   autograd function (``adapters.lora``); dropout masks cost a quarter of the usual random numbers;
-- page faults: freed activations stay in the process's heap for reuse (``host_memory``).
+- page faults and resident memory: freed activations stay in the process's heap for reuse, and
+  oneDNN's cache of matmul kernels is kept to 64 entries (``host_memory``).
 
 The loss of an optimiser step is the mean over every labelled token of the whole batch, however it is
 cut into micro-batches, so gradient accumulation does not change the maths.
