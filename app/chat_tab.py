@@ -8,6 +8,7 @@ Each question is answered independently (the models were trained on single instr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,7 @@ from core.config import DEFAULT_MODEL, ModelSettings
 from .common import error_text, warn
 
 MAX_SIDE_BY_SIDE = 4
+MAX_QUESTION_CHARS = 4000
 BASE_PREFIX, JOB_PREFIX = "base:", "job:"
 SAMPLES_FILE = Path(__file__).resolve().parents[1] / "assets" / "math_eval.json"
 ADAPTER_STATUSES = ("succeeded", "cancelled", "interrupted", "failed")
@@ -68,20 +70,22 @@ def load_chat_model(service: Any, value: str, template: str | None = None) -> An
     """The ``ChatModel`` of an option value (loaded once per process, then cached by core.generate)."""
     from core.generate import adapter_chat_model, base_chat_model
 
+    if not isinstance(value, str):
+        raise ValueError("pick a model from the list")
     if value.startswith(JOB_PREFIX):
-        job_id = int(value[len(JOB_PREFIX):])
-        adapter = service.files(job_id)["adapter"]
+        job_id = value[len(JOB_PREFIX):]
+        adapter = service.files(job_id)["adapter"]  # the service checks the caller may see the job
         if not adapter:
             raise ValueError(f"job {job_id} has no saved adapter yet")
         job = service.get(job_id)
         return adapter_chat_model(adapter, name=f"#{job_id} {job.get('name') or ''}")
     if value.startswith(BASE_PREFIX):
-        name = value[len(BASE_PREFIX):]
+        name = service.resolve_model(value[len(BASE_PREFIX):])  # the deployment's allowlist and data roots
         chat = base_chat_model(ModelSettings(name=name), template=template or "alpaca")
         if template is None and getattr(chat.tokenizer, "chat_template", None):
             chat.template = "chat"
         return chat
-    raise ValueError(f"unknown model choice {value!r}")
+    raise ValueError(f"unknown model choice {value[:60]!r}")
 
 
 def _adapter_template(service: Any, values: list[str]) -> str | None:
@@ -89,7 +93,7 @@ def _adapter_template(service: Any, values: list[str]) -> str | None:
     for v in values:
         if v.startswith(JOB_PREFIX):
             try:
-                spec = service.get(int(v[len(JOB_PREFIX):])).get("spec") or {}
+                spec = service.get(v[len(JOB_PREFIX):]).get("spec") or {}
             except (KeyError, ValueError):  # a deleted job: its column says so when it is asked
                 continue
             return (spec.get("data") or {}).get("template", "alpaca")
@@ -100,22 +104,50 @@ def respond(service: Any, question: str, models: list[str], histories: list[list
             max_new_tokens: int, temperature: float, top_p: float,
             options: list[tuple[str, str]] | None = None) -> Iterator[list[list[dict]]]:
     """Answer ``question`` with each model in turn, streaming; yields every column's messages each time."""
-    from core.generate import GenerationSettings, stream_answer
-
-    histories = [list(h) for h in (histories or [])]
+    models = [m for m in (models or []) if isinstance(m, str)][:MAX_SIDE_BY_SIDE]
+    histories = [list(h) for h in (histories or []) if isinstance(h, list)][:MAX_SIDE_BY_SIDE]
     while len(histories) < len(models):
         histories.append([])
-    question = (question or "").strip()
+    question = (question if isinstance(question, str) else "").strip()
     if not question:
         warn("Type a question first (or click a sample problem).")
+        yield histories
+        return
+    if len(question) > MAX_QUESTION_CHARS:
+        warn(f"The question is {len(question):,} characters long; ask in at most {MAX_QUESTION_CHARS:,}.")
         yield histories
         return
     if not models:
         warn("Pick a model to chat with.")
         yield histories
         return
-    settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                  top_p=float(top_p))
+    try:
+        settings = generation_settings(max_new_tokens, temperature, top_p)
+        with service.generation_slot():  # public mode: one answer at a time per visitor
+            yield from _answer_all(service, question, models, histories, settings, options)
+    except Exception as err:  # bad settings, or an answer already being generated for this visitor
+        warn(error_text(err))
+        yield histories
+
+
+def generation_settings(max_new_tokens: Any, temperature: Any, top_p: Any) -> Any:
+    """``GenerationSettings`` from widget values, checked (an API call may send anything)."""
+    from core.generate import GenerationSettings
+
+    values = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a number (got {str(value)[:40]!r})")
+    if not 1 <= max_new_tokens <= 100_000 or not 0 <= temperature <= 5 or not 0 < top_p <= 1:
+        raise ValueError("max_new_tokens must be >= 1, temperature within 0-5 and top_p within (0, 1]")
+    return GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                              top_p=float(top_p))
+
+
+def _answer_all(service: Any, question: str, models: list[str], histories: list[list[dict]], settings: Any,
+                options: list[tuple[str, str]] | None) -> Iterator[list[list[dict]]]:
+    from core.generate import stream_answer
+
     template = _adapter_template(service, models)
     for i in range(len(models)):
         histories[i] = histories[i] + [{"role": "user", "content": question},

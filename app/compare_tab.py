@@ -75,7 +75,7 @@ def run_evaluations(service: Any, models: list[str] | None, benchmarks: list[str
     for m in models:
         try:
             if m.startswith(JOB_PREFIX):
-                queued.append(service.submit_evaluation(benchmarks, job_id=int(m[len(JOB_PREFIX):]),
+                queued.append(service.submit_evaluation(benchmarks, job_id=m[len(JOB_PREFIX):],
                                                         settings=settings.to_dict()))
             else:
                 queued.append(service.submit_evaluation(benchmarks, model=m[len(BASE_PREFIX):],

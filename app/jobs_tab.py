@@ -17,6 +17,8 @@ from typing import Any
 
 import gradio as gr
 
+from jobs.service import ARTIFACT_LABELS
+
 from .charts import empty_figure, loss_figure
 from .common import error_text, error_update, fmt_duration, fmt_float, guarded, warn
 
@@ -26,7 +28,7 @@ LOG_LINES = 200
 TABLE_HEADERS = ["id", "name", "kind", "method", "status", "progress", "ETA", "best val loss", "created"]
 STATUS_ICONS = {"queued": "○", "running": "▶", "succeeded": "✓", "failed": "✗", "cancelled": "■",
                 "interrupted": "!"}
-ARTIFACTS = {"adapter": "adapter (workbench format)", "peft": "LoRA in PEFT format", "merged": "merged full model"}
+ARTIFACTS = ARTIFACT_LABELS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,12 +258,16 @@ def delete_job(service: Any, job_id: Any) -> tuple[dict, Any]:
     return error_update(None), None
 
 
-def artifact(service: Any, job_id: Any, kind: str, progress: Any = None) -> tuple[dict, Any]:
-    """(message box, path of the zip to download)."""
+def artifact(service: Any, job_id: Any, kind: str) -> tuple[dict, Any]:
+    """(message box, path of the zip to download). A zip not built yet is queued as an export job (the
+    web server never exports); the same button downloads it once that job has finished."""
     try:
-        if progress is not None:
-            progress(0.1, desc=f"preparing the {ARTIFACTS.get(kind, kind)}…")
-        path = service.job_artifact(_need(job_id), kind)
+        path = service.artifact(_need(job_id), kind)
+        if path is None:
+            export_id = service.export(_need(job_id), kind)
+            gr.Info(f"Preparing the {ARTIFACTS.get(kind, kind)} as job {export_id}: click again when it has "
+                    "finished")
+            return error_update(None), gr.skip()
     except Exception as err:
         return error_update(error_text(err)), gr.skip()
     return error_update(None), str(servable(Path(path)))
@@ -405,7 +411,5 @@ def _wire(tab: JobsTab, service: Any) -> None:
     tab.confirm_delete.click(lambda j: (*delete_job(service, j), gr.update(visible=False)), tab.job,
                              [tab.message, tab.job, tab.confirm_row])
     for kind, button in tab.download_buttons.items():
-        def fetch(j, progress=gr.Progress(), kind=kind):
-            return artifact(service, j, kind, progress)
-        button.click(fetch, tab.job, [tab.message, tab.download_file])
+        button.click(lambda j, kind=kind: artifact(service, j, kind), tab.job, [tab.message, tab.download_file])
     tab.clone_event = tab.clone_button.click(lambda j: spec_of(service, j), tab.job, tab.clone_spec)

@@ -8,8 +8,6 @@ value), so they are tested without a browser; ``build_train_tab`` only draws and
 from __future__ import annotations
 
 import functools
-import hashlib
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,9 @@ from core import data as data_mod
 from core.config import (BUILTIN_DATASET, DEFAULT_MODEL, METHOD_SETTINGS, PRESETS, ROLES, AdapterConfig,
                          ConfigError, DataSettings, EvalSettings, JobSpec, ModelSettings, TrainSettings, fields_of)
 from core.estimate import estimate, human_bytes, human_count, model_config
+from core.deployment import current as current_deployment
 from core.paths import workbench_home
+from jobs.service import JobError
 
 from .common import error_text, error_update, guarded, warn
 from .diagram import available_roles, block_diagram
@@ -29,8 +29,8 @@ from .forms import Form, add_fields, collect, spread
 METHOD_LABELS = {"lora": "LoRA", "series": "Series adapter", "parallel": "Parallel adapter",
                  "prefix": "Prefix tuning", "prompt": "Prompt tuning", "ptuning": "P-tuning"}
 DATA_KINDS = ("built-in", "upload", "server path", "hub id")
+SOURCE_KINDS = dict(zip(DATA_KINDS, ("builtin", "upload", "local", "hub")))  # core.sources' names
 UPLOAD_TYPES = (".json", ".jsonl", ".csv")
-MAX_UPLOAD_BYTES = 50 * 2**20
 PREVIEW_ROWS = 5
 STATS_ROWS = 2000
 CUSTOM_PRESET = "(custom)"
@@ -60,14 +60,12 @@ def data_source(form: dict[str, Any]) -> str:
         value = form.get("data.builtin") or BUILTIN_DATASET
     elif kind == "upload":
         value = form.get("data.upload") or ""
-        if not value:
+        if not value or not isinstance(value, str):
             raise ConfigError("data.source", "upload a JSON, JSONL or CSV file first")
-    elif kind == "server path":
+    elif kind == "server path":  # whether it may be read is the service's call (core.sources' rules)
         value = (form.get("data.server_path") or "").strip()
         if not value:
             raise ConfigError("data.source", "give the path of a JSON, JSONL or CSV file on the server")
-        if not Path(value).expanduser().is_file():
-            raise ConfigError("data.source", f"no such file on the server: {value}")
     elif kind == "hub id":
         value = (form.get("data.hub_id") or "").strip()
         if not value:
@@ -149,11 +147,19 @@ def cli_text(spec: JobSpec) -> str:
 # --------------------------------------------------------------------------------------------------
 # Handlers.
 
-def show_config(form: dict[str, Any]) -> tuple[dict, str, str]:
+def checked_spec(service: Any, form: dict[str, Any]) -> JobSpec:
+    """The form's spec as the service would queue it (its sources resolved and allowed, its data's first
+    rows read); ``ConfigError``/``JobError`` otherwise."""
+    spec = spec_from_form(form)
+    service.resolve_data(spec.data.source, kind=SOURCE_KINDS.get(form.get("data.kind")))  # the field's own kind
+    return service.check_spec(spec)
+
+
+def show_config(service: Any, form: dict[str, Any]) -> tuple[dict, str, str]:
     """(error box, spec JSON, CLI commands). Invalid settings: the error, nothing else changes."""
     try:
-        spec = spec_from_form(form)
-    except ConfigError as err:
+        spec = checked_spec(service, form)
+    except (ConfigError, JobError) as err:
         return error_update(error_text(err)), gr.skip(), gr.skip()
     return error_update(None), spec.to_json(), cli_text(spec)
 
@@ -161,9 +167,9 @@ def show_config(form: dict[str, Any]) -> tuple[dict, str, str]:
 def launch(service: Any, form: dict[str, Any]) -> tuple[dict, Any]:
     """Submit the job the form describes: (error box, job id or None). Invalid: nothing is submitted."""
     try:
-        spec = spec_from_form(form)
+        spec = checked_spec(service, form)
         job_id = service.submit(spec)
-    except ConfigError as err:
+    except (ConfigError, JobError) as err:
         text = error_text(err)
         warn(text)
         return error_update(text), None
@@ -252,41 +258,26 @@ def roles_update(form: dict[str, Any]) -> dict:
 
 
 def upload_dir() -> Path:
-    path = workbench_home() / "uploads"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return workbench_home() / "uploads"
 
 
-def store_upload(file_path: str | None) -> tuple[str | None, str]:
-    """Check an uploaded file (type, size, readable rows) and keep a copy under a content-hash name.
-
-    Returns (stored path or None, status Markdown). The browser's file name is never used as a path.
-    """
+def store_upload(service: Any, file_path: str | None, name: str | None = None) -> tuple[str | None, str]:
+    """Keep an uploaded file (the service checks type, size and the owner's quota, and stores it under a
+    content-hash name) and read its rows. Returns (stored path or None, status Markdown)."""
     if not file_path:
         return None, ""
-    src = Path(file_path)
-    suffix = src.suffix.lower()
-    if suffix not in UPLOAD_TYPES:
-        return None, error_text(ConfigError("data.source", f"unsupported file type {suffix or '(none)'!r}: "
-                                                           f"upload {', '.join(UPLOAD_TYPES)}"))
-    size = src.stat().st_size
-    if size > MAX_UPLOAD_BYTES:
-        return None, error_text(ConfigError("data.source", f"the file is {human_bytes(size)}; the limit is "
-                                                           f"{human_bytes(MAX_UPLOAD_BYTES)}"))
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:20]
-    target = upload_dir() / f"{digest}{suffix}"
-    if not target.exists():
-        tmp = target.with_suffix(target.suffix + ".part")
-        shutil.copyfile(src, tmp)
-        tmp.rename(target)
     try:
-        records = data_mod.load_records(str(target))
+        stored = service.store_upload(file_path, name)
+    except (JobError, OSError) as err:
+        return None, error_text(err)
+    try:
+        records = data_mod.load_records(stored["path"])
     except ConfigError as err:
-        target.unlink(missing_ok=True)
+        service.forget_upload(stored["path"])
         return None, error_text(ConfigError("data.source", err.message))
     skipped = getattr(records, "skipped", [])
     note = f" ({len(skipped)} rows with an empty response skipped)" if skipped else ""
-    return str(target), f"{len(records):,} rows read{note}. Stored as `{target.name}`."
+    return stored["path"], f"{len(records):,} rows read from `{stored['name']}`{note}."
 
 
 @functools.lru_cache(maxsize=4)
@@ -296,11 +287,14 @@ def _tokenizer(name: str, trust_remote_code: bool) -> Any:
     return load_tokenizer(ModelSettings(name=name, trust_remote_code=trust_remote_code))
 
 
-def preview(form: dict[str, Any]) -> tuple[dict, list[list[str]], str]:
-    """(error box, first rows as the model sees them [prompt, response], token-length statistics)."""
+def preview(service: Any, form: dict[str, Any]) -> tuple[dict, list[list[str]], str]:
+    """(error box, first rows as the model sees them [prompt, response], token-length statistics).
+
+    The source goes through the service first: the same rules as a job's data (data roots, the
+    public allowlist, one's own uploads only)."""
     try:
         settings = collect(DataSettings, "data", form, skip=("source",))
-        source = data_source(form)
+        source = service.resolve_data(data_source(form), kind=SOURCE_KINDS.get(form.get("data.kind")))
         records = data_mod.load_records(source, settings.get("columns") or {}, settings.get("limit") or 0)
         ms = model_settings(form)
         try:
@@ -426,7 +420,8 @@ def build_train_tab(service: Any) -> TrainTab:
                                                      label="built-in dataset",
                                                      info="arithmetic word problems with worked answers (offline)"))
             with gr.Group(visible=False) as g_upload:
-                upload_file = gr.File(label=f"upload JSON / JSONL / CSV (≤ {human_bytes(MAX_UPLOAD_BYTES)})",
+                upload_file = gr.File(label="upload JSON / JSONL / CSV "
+                                            f"(≤ {human_bytes(current_deployment().limits.upload_file_bytes)})",
                                       file_types=list(UPLOAD_TYPES), type="filepath", height=120)
                 upload_status = gr.Markdown("")
             form.add("data.upload", gr.State(None))
@@ -522,14 +517,15 @@ def _wire(tab: TrainTab, service: Any, config_acc: Any) -> None:
 
     form["data.kind"].change(show_kind, form["data.kind"], [tab.data_groups[k] for k in DATA_KINDS],
                              show_progress="hidden")
-    tab.upload_file.upload(guarded(2)(store_upload), tab.upload_file, [form["data.upload"], tab.upload_status])
+    tab.upload_file.upload(guarded(2)(lambda f: store_upload(service, f)), tab.upload_file,
+                           [form["data.upload"], tab.upload_status])
     tab.upload_file.clear(lambda: (None, ""), None, [form["data.upload"], tab.upload_status])
 
-    tab.preview_button.click(guarded(3, 0)(lambda *v: preview(as_form(*v))), inputs,
+    tab.preview_button.click(guarded(3, 0)(lambda *v: preview(service, as_form(*v))), inputs,
                              [tab.error, tab.preview_table, tab.preview_stats])
 
     def on_show(*v):
-        err, spec_json, cli = show_config(as_form(*v))
+        err, spec_json, cli = show_config(service, as_form(*v))
         return err, spec_json, cli, gr.update(open=not isinstance(spec_json, dict))
 
     tab.show_config_button.click(guarded(4, 0)(on_show), inputs,

@@ -64,7 +64,7 @@ DEFAULT_LIMITS: dict[str, Limits] = {
                    upload_bytes_per_owner=5 * GiB, upload_file_bytes=1 * GiB, min_free_disk_bytes=2 * GiB,
                    chat_new_tokens=2048, chat_models_resident=3, eval_examples=0),
     "public": Limits(active_jobs_per_owner=3, active_jobs_total=12, max_steps=2000, max_epochs=10.0,
-                     max_wall_s=2 * 3600.0, study_jobs=12, dataset_rows=50_000,
+                     max_wall_s=2 * 3600.0, study_jobs=3, dataset_rows=50_000,
                      upload_bytes_per_owner=200 * MiB, upload_file_bytes=50 * MiB, min_free_disk_bytes=2 * GiB,
                      chat_new_tokens=256, chat_models_resident=2, eval_examples=500),
 }

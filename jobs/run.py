@@ -10,6 +10,13 @@ by hand on a queued job it claims the job itself. It dispatches on the job's kin
   a signal). Benchmarks named in ``spec.eval.benchmarks`` are run on the adapter afterwards.
 - ``evaluate``: ``core.evaluate`` on the base model, with the adapter of ``target_job_id`` if set;
   each benchmark's result and per-example predictions go to ``evaluations``/``eval_samples``.
+- ``export``: the zip of ``target_job_id``'s adapter in the form ``info["artifact"]`` names.
+
+The deployment's limits (``core.deployment.Limits``) hold here too: a job does not start with less
+free disk than ``min_free_disk_bytes``, and a job of an owner who is not an admin stops (cancelled,
+adapter saved) at ``max_steps`` or after ``max_wall_s``. This process is the only place where a
+model's own Python code may run (``core.sources.allow_remote_code_here``), and only where the server
+and the spec both ask for it.
 
 Any exception ends the job ``failed`` with its message and the end of its traceback, after the
 buffered points are written. Two environment variables exist for tests and demos:
@@ -121,7 +128,32 @@ class Recorder:
         return self.cancel
 
 
-def _train_callbacks(rec: Recorder, stop: StopFlag):
+class Budget:
+    """The deployment's per-job limits for this job's owner: steps and wall time (admins have none)."""
+
+    def __init__(self, owner: str) -> None:
+        from core.deployment import current
+
+        deployment = current()
+        self.limited = not deployment.is_admin(owner)
+        self.max_steps = deployment.limits.max_steps
+        self.max_wall_s = deployment.limits.max_wall_s
+        self.started = time.monotonic()
+        self.reason: str | None = None
+
+    def spent(self, step: int = 0, total: int | None = None) -> bool:
+        """True once a limit is reached (``total``: the run's planned steps; a run planned within the
+        step limit is never cut short at its last step)."""
+        if not self.limited or self.reason:
+            return self.reason is not None
+        if step >= self.max_steps and (total is None or total > self.max_steps):
+            self.reason = f"stopped at this workbench's limit of {self.max_steps:,} steps per job"
+        elif time.monotonic() - self.started > self.max_wall_s:
+            self.reason = f"stopped at this workbench's limit of {self.max_wall_s / 3600:g} h per job"
+        return self.reason is not None
+
+
+def _train_callbacks(rec: Recorder, stop: StopFlag, budget: Budget):
     from core.train import TrainCallbacks
 
     delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
@@ -129,8 +161,11 @@ def _train_callbacks(rec: Recorder, stop: StopFlag):
 
     class JobCallbacks(TrainCallbacks):
         best: float | None = None
+        step = 0
+        total: int | None = None
 
         def on_start(self, info: dict[str, Any]) -> None:
+            self.total = info.get("total_steps")
             rec.update(total_steps=info.get("total_steps"), step=info.get("start_step", 0), phase="training",
                        info=_jsonable(info))
             rec.flush()
@@ -146,6 +181,7 @@ def _train_callbacks(rec: Recorder, stop: StopFlag):
                     elapsed_s=_finite(r.elapsed_s))
             rec.update(step=r.step, total_steps=r.total_steps, epoch=_finite(r.epoch), eta_s=_finite(r.eta_s),
                        last_loss=_finite(r.loss))
+            self.step = r.step
             print(f"step {r.step}/{r.total_steps} loss {r.loss:.4f} lr {r.lr:.2e} grad {r.grad_norm:.3f} "
                   f"{r.tokens_per_s:,.0f} tok/s eta {r.eta_s:,.0f}s", flush=True)
             if fail_at and r.step >= fail_at:
@@ -165,7 +201,7 @@ def _train_callbacks(rec: Recorder, stop: StopFlag):
             print(f"== checkpoint {path}", flush=True)
 
         def should_stop(self) -> bool:
-            return stop.signal is not None or rec.cancel_requested()
+            return stop.signal is not None or rec.cancel_requested() or budget.spent(self.step, self.total)
 
     return JobCallbacks()
 
@@ -190,7 +226,8 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
 
 # --------------------------------------------------------------------------------------------------
 
-def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag) -> tuple[str, dict[str, Any]]:
+def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag,
+              budget: Budget) -> tuple[str, dict[str, Any]]:
     from core.config import JobSpec
     from core.train import train
 
@@ -202,7 +239,7 @@ def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: Sto
     resume = job["resume_checkpoint"]
     if resume:
         print(f"== resuming from {resume}", flush=True)
-    result = train(spec, out_dir, _train_callbacks(rec, stop), resume_from=resume)
+    result = train(spec, out_dir, _train_callbacks(rec, stop, budget), resume_from=resume)
     values: dict[str, Any] = dict(
         step=result.steps, total_steps=result.total_steps, best_val_loss=_finite(result.best_val_loss),
         last_loss=_finite(result.final_loss), phase=None,
@@ -215,15 +252,16 @@ def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: Sto
     if result.status != "completed":
         if stop.signal:
             return "interrupted", {**values, "error": f"stopped by {stop.signal}"}
-        return "cancelled", values
+        return "cancelled", {**values, "error": budget.reason}
     if spec.eval.benchmarks:
         rec.flush()
-        values["result"]["evaluations"] = run_benchmarks(service, spec, job, rec, stop, Path(result.adapter_dir),
-                                                         adapter_job_id=job["id"])
+        values["result"]["evaluations"] = run_benchmarks(service, spec, job, rec, stop, budget,
+                                                         Path(result.adapter_dir), adapter_job_id=job["id"])
     return "succeeded", values
 
 
-def run_evaluate(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag) -> tuple[str, dict[str, Any]]:
+def run_evaluate(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag,
+                 budget: Budget) -> tuple[str, dict[str, Any]]:
     from core.config import JobSpec
 
     spec = JobSpec.from_dict(job["spec"])
@@ -232,12 +270,23 @@ def run_evaluate(service: JobService, job: dict[str, Any], rec: Recorder, stop: 
         adapter_dir = Path(service.get(target)["out_dir"]) / "adapter"
         if not (adapter_dir / "adapter_config.json").is_file():
             raise FileNotFoundError(f"job {target} has no adapter at {adapter_dir}")
-    ids = run_benchmarks(service, spec, job, rec, stop, adapter_dir, adapter_job_id=target)
+    ids = run_benchmarks(service, spec, job, rec, stop, budget, adapter_dir, adapter_job_id=target)
     return "succeeded", {"phase": None, "result": {"evaluations": ids}}
 
 
+def run_export(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag,
+               budget: Budget) -> tuple[str, dict[str, Any]]:
+    kind = (job.get("info") or {}).get("artifact")
+    rec.update(phase=f"exporting {kind}")
+    rec.flush()
+    path = service.build_artifact(job["target_job_id"], kind)
+    print(f"== {kind} export written to {path} ({path.stat().st_size:,} bytes)", flush=True)
+    return "succeeded", {"phase": None, "result": {"artifact": kind, "path": str(path),
+                                                   "bytes": path.stat().st_size}}
+
+
 def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Recorder, stop: StopFlag,
-                   adapter_dir: Path | None, adapter_job_id: int | None) -> list[int]:
+                   budget: Budget, adapter_dir: Path | None, adapter_job_id: int | None) -> list[int]:
     """Evaluate the base model (with ``adapter_dir`` loaded if given) on ``spec.eval.benchmarks``."""
     try:
         from core.evaluate import evaluate, load_benchmark
@@ -279,7 +328,7 @@ def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Rec
             rec.update(step=int(done), total_steps=int(total) if total else None, eta_s=eta)
             if rec.due():
                 rec.flush()
-            if stop.signal is not None or rec.cancel_requested():
+            if stop.signal is not None or rec.cancel_requested() or budget.spent():
                 raise Cancelled()
 
         bench = load_benchmark(name)
@@ -297,7 +346,21 @@ def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Rec
     return ids
 
 
-RUNNERS = {"train": run_train, "evaluate": run_evaluate}
+RUNNERS = {"train": run_train, "evaluate": run_evaluate, "export": run_export}
+
+
+def check_disk(service: JobService) -> None:
+    """Refuse to start with less free space under the runs folder than the deployment asks for."""
+    import shutil
+
+    from core.deployment import current
+
+    need = current().limits.min_free_disk_bytes
+    service.runs_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(service.runs_dir).free
+    if free < need:
+        raise OSError(f"only {free / 2**30:.1f} GiB free under {service.runs_dir}; a job needs "
+                      f"{need / 2**30:.1f} GiB to start (WORKBENCH_LIMIT_MIN_FREE_DISK_BYTES): free some space")
 
 
 def run_job(service: JobService, job_id: int) -> int:
@@ -317,7 +380,9 @@ def run_job(service: JobService, job_id: int) -> int:
     stop = StopFlag()
     stop.install()
     rec = Recorder(service, job_id)
+    budget = Budget(job["owner"])
     try:
+        check_disk(service)
         if rec.cancel_requested():
             service.finish(job_id, "cancelled", only_if=MINE, phase=None)
             print("== cancelled before it started", flush=True)
@@ -325,7 +390,7 @@ def run_job(service: JobService, job_id: int) -> int:
         runner = RUNNERS.get(job["kind"])
         if runner is None:
             raise ValueError(f"unknown job kind {job['kind']!r}")
-        status, values = runner(service, job, rec, stop)
+        status, values = runner(service, job, rec, stop, budget)
         values.setdefault("error", None)
         rec.flush()
         service.finish(job_id, status, only_if=MINE, **values)
@@ -342,7 +407,7 @@ def run_job(service: JobService, job_id: int) -> int:
             traceback.print_exc()
         if cancelled:
             service.finish(job_id, "interrupted" if stop.signal else "cancelled", only_if=MINE, phase=None,
-                           error=f"stopped by {stop.signal}" if stop.signal else None)
+                           error=f"stopped by {stop.signal}" if stop.signal else budget.reason)
             print(f"== job {job_id} stopped during evaluation", flush=True)
             return 0
         message = f"{type(err).__name__}: {err}".strip()
@@ -365,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     except Exception:
         pass
+    from core.sources import allow_remote_code_here
+
+    allow_remote_code_here()  # the only process that may; core still asks the server's switch and the spec
     service = JobService()
     try:
         return run_job(service, int(args[0]))

@@ -12,7 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-KINDS = ("train", "evaluate")
+KINDS = ("train", "evaluate", "export")
+LOCAL_OWNER = "local"  # the owner of every job of local mode, and of jobs made before owners existed
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
@@ -63,6 +64,8 @@ class Job(Base):
     target_job_id: Mapped[int | None] = mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"))  # evaluate
     cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     study_id: Mapped[int | None] = mapped_column(sa.Integer, index=True)  # for a later feature (studies)
+    # who may see and act on it: core.deployment.Actor.name ("local", a login, "anon:<id>", "hf:<user>")
+    owner: Mapped[str] = mapped_column(sa.String(200), default=LOCAL_OWNER, server_default=LOCAL_OWNER, index=True)
 
     metrics: Mapped[list["MetricPoint"]] = relationship(back_populates="job", cascade="all, delete-orphan",
                                                         passive_deletes=True)
@@ -106,6 +109,7 @@ class Evaluation(Base):
     seconds: Mapped[float | None] = mapped_column(sa.Float)
     settings: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
+    owner: Mapped[str] = mapped_column(sa.String(200), default=LOCAL_OWNER, server_default=LOCAL_OWNER, index=True)
 
     samples: Mapped[list["EvalSample"]] = relationship(back_populates="evaluation", cascade="all, delete-orphan",
                                                        passive_deletes=True, order_by="EvalSample.index")
@@ -136,4 +140,21 @@ class Study(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
     # [{"job_id": int, "coordinates": {...}}], the job id updated when a cell is resumed
     cells: Mapped[list[Any]] = mapped_column(sa.JSON, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
+    owner: Mapped[str] = mapped_column(sa.String(200), default=LOCAL_OWNER, server_default=LOCAL_OWNER, index=True)
+
+
+class Upload(Base):
+    """A data file a visitor uploaded: stored once by content hash under ``uploads/``, counted per owner
+    against the upload quota, shown under the name it was uploaded with."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (sa.UniqueConstraint("owner", "digest", name="uq_uploads_owner_digest"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner: Mapped[str] = mapped_column(sa.String(200), index=True)
+    digest: Mapped[str] = mapped_column(sa.String(64))
+    name: Mapped[str] = mapped_column(sa.String(300))   # the file name the browser sent (display only)
+    path: Mapped[str] = mapped_column(sa.Text)           # the stored copy, uploads/<digest><suffix>
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+import sqlalchemy as sa
+
 from .schema import ACTIVE, Study
 
 DEFAULT_TOKENS_PER_S = 400.0  # bench/RESULTS.md: LoRA on SmolLM2 on this 2-core CPU
@@ -24,6 +26,11 @@ class StudiesAPI:
         study = study if isinstance(study, StudySpec) else StudySpec.from_dict(study)
         study.validate()
         cells = expand(study)
+        if not self.actor.admin and len(cells) > self.limits.study_jobs:
+            from .service import QuotaError
+
+            raise QuotaError(f"the study has {len(cells):,} jobs; this workbench launches at most "
+                             f"{self.limits.study_jobs:,} per study: vary fewer values or seeds")
         for cell in cells:
             self.check_spec(cell.spec, "train")
         t = study.base.train
@@ -51,8 +58,9 @@ class StudiesAPI:
         """Queue every cell of the grid (each trains, then runs the study's benchmarks); return the study id."""
         plan = self.plan_study(study)
         study = plan["study"]
+        self._check_quota(new_jobs=plan["num_jobs"])
         with self.db.write() as s:
-            row = Study(name=study.name[:200], spec=study.to_dict(), cells=[])
+            row = Study(name=study.name[:200], spec=study.to_dict(), cells=[], owner=self.owner)
             s.add(row)
             s.flush()
             study_id = row.id
@@ -66,10 +74,12 @@ class StudiesAPI:
             s.get(Study, study_id).cells = cells
 
     def get_study(self, study_id: int) -> dict[str, Any]:
+        from .service import JobNotFound, row_id
+
         with self.db.read() as s:
-            row = s.get(Study, study_id)
-            if row is None:
-                raise KeyError(f"no study {study_id}")
+            row = s.get(Study, row_id(study_id, "study"))
+            if row is None or not self.may_see(row.owner):
+                raise JobNotFound(study_id, "study")
             data = {"id": row.id, "name": row.name, "spec": row.spec, "cells": list(row.cells or []),
                     "created_at": row.created_at.isoformat(timespec="seconds")}
         jobs = [self.get(c["job_id"]) for c in data["cells"]]
@@ -84,7 +94,7 @@ class StudiesAPI:
 
     def list_studies(self) -> list[dict[str, Any]]:
         with self.db.read() as s:
-            ids = [r.id for r in s.query(Study).order_by(Study.id.desc())]
+            ids = list(s.scalars(self._mine(sa.select(Study.id).order_by(Study.id.desc()), Study.owner)))
         return [self.get_study(i) for i in ids]
 
     def cancel_study(self, study_id: int) -> int:

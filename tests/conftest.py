@@ -17,8 +17,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _workbench_home(tmp_path, monkeypatch):
-    """Every test gets its own WORKBENCH_HOME, so nothing touches the user's data."""
+    """Every test gets its own WORKBENCH_HOME, so nothing touches the user's data, and starts in local
+    mode with this process's deployment read afresh (a test that configures one cannot leak it)."""
+    from core import deployment
+
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    for name in ("WORKBENCH_MODE", "SPACE_ID", "WORKBENCH_DATA_DIRS", "WORKBENCH_ALLOW_REMOTE_CODE"):
+        monkeypatch.delenv(name, raising=False)
+    deployment.configure(None)
+    yield
+    deployment.configure(None)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import core
 from core.train import latest_checkpoint
 from jobs import JobService, Worker, start_worker_thread
 from tests.test_jobs_support import (cli, make_service, start_worker_process, tiny_spec, kill_worker_mid_job, wait_final,
@@ -60,20 +59,25 @@ def test_submit_runs_to_success(finished):
     assert [p["step"] for p in service.metrics(job_id, since_step=4)] == [5, 6, 6]
 
 
-def test_artifacts(finished, tiny_model_dir):
+def test_artifacts_are_built_by_export_jobs(finished, tiny_model_dir):
     service, job_id = finished
-    with zipfile.ZipFile(service.job_artifact(job_id, "adapter")) as zf:
+    exports = {kind: service.export(job_id, kind) for kind in ("adapter", "peft", "merged")}
+    assert all(service.artifact(job_id, kind) is None for kind in exports)  # queued, not built in this process
+    run_until_idle(service)
+    for kind, export_id in exports.items():
+        job = service.get(export_id)
+        assert (job["kind"], job["status"], job["target_job_id"]) == ("export", "succeeded", job_id), job["error"]
+        assert Path(job["result"]["path"]) == service.artifact(job_id, kind)
+    with zipfile.ZipFile(service.artifact(job_id, "adapter")) as zf:
         assert {"adapter/adapter.safetensors", "adapter/adapter_config.json"} <= set(zf.namelist())
-    with zipfile.ZipFile(service.job_artifact(job_id, "peft")) as zf:
+    with zipfile.ZipFile(service.artifact(job_id, "peft")) as zf:
         names = set(zf.namelist())
         assert any(n.endswith("adapter_model.safetensors") for n in names)
         assert any(n.endswith("adapter_config.json") for n in names)
-    if hasattr(core, "export_merged"):
-        with zipfile.ZipFile(service.job_artifact(job_id, "merged")) as zf:
-            assert any(n.endswith("config.json") for n in zf.namelist())
-    else:
-        with pytest.raises(NotImplementedError, match="export_merged"):
-            service.job_artifact(job_id, "merged")
+    with zipfile.ZipFile(service.artifact(job_id, "merged")) as zf:
+        assert any(n.endswith("config.json") for n in zf.namelist())
+    for export_id in exports.values():  # the listing of training jobs is not cluttered by them
+        service.delete(export_id)
 
 
 def test_cli_show_and_list(finished):

@@ -93,7 +93,7 @@ def test_each_method_round_trips_through_the_form(form, method):
 ])
 def test_invalid_settings_show_an_error_and_submit_nothing(service, form, changes, field):
     bad = {**form, **changes}
-    box, spec_json, cli = train_tab.show_config(bad)
+    box, spec_json, cli = train_tab.show_config(service, bad)
     assert f"**{field}**" in _error(box)
     assert spec_json == gr.skip() and cli == gr.skip()
     box, job_id = train_tab.launch(service, bad)
@@ -101,8 +101,8 @@ def test_invalid_settings_show_an_error_and_submit_nothing(service, form, change
     assert service.list_jobs() == []
 
 
-def test_show_config_gives_json_and_cli(form):
-    box, spec_json, cli = train_tab.show_config(form)
+def test_show_config_gives_json_and_cli(form, service):
+    box, spec_json, cli = train_tab.show_config(service, form)
     assert _error(box) == ""
     assert JobSpec.from_json(spec_json).train.max_steps == 2
     assert "python -m jobs submit spec.json" in cli and "python -m core train --config spec.json" in cli
@@ -142,43 +142,45 @@ def test_roles_follow_the_architecture(form):
     assert "gate" not in available_roles("gpt2") and {"q", "k", "v"} <= available_roles("gpt2")
 
 
-def test_upload_refuses_bad_type_and_size(tmp_path, monkeypatch):
+def test_upload_refuses_bad_type_and_size(tmp_path):
+    from core.deployment import Deployment
+
+    service = JobService(url=f"sqlite:///{tmp_path / 'up.db'}", home=tmp_path / "home",
+                         deployment=Deployment.for_mode("local").with_limits(upload_file_bytes=1000))
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    stored, message = train_tab.store_upload(str(text))
+    stored, message = train_tab.store_upload(service, str(text))
     assert stored is None and "unsupported file type" in message
     big = tmp_path / "big.json"
     big.write_text(json.dumps([{"instruction": "q", "output": "a"}] * 50))
-    monkeypatch.setattr(train_tab, "MAX_UPLOAD_BYTES", 100)
-    stored, message = train_tab.store_upload(str(big))
-    assert stored is None and "limit" in message
+    stored, message = train_tab.store_upload(service, str(big))
+    assert stored is None and "up to 1,000 bytes" in message and "big.json" in message
     broken = tmp_path / "broken.json"
     broken.write_text("[{")
-    monkeypatch.setattr(train_tab, "MAX_UPLOAD_BYTES", 10**6)
-    stored, message = train_tab.store_upload(str(broken))
-    assert stored is None and "not valid JSON" in message
-    assert list(train_tab.upload_dir().iterdir()) == []
+    stored, message = train_tab.store_upload(service, str(broken))
+    assert stored is None and "not valid JSON" in message and "broken.json" in message
+    assert not service.uploads_dir.is_dir() or list(service.uploads_dir.iterdir()) == []
 
 
-def test_upload_is_stored_under_a_content_name(tmp_path, form):
+def test_upload_is_stored_under_a_content_name(tmp_path, form, service):
     evil = tmp_path / "..%2f..%2fevil name.jsonl"
     evil.write_text("\n".join(json.dumps({"instruction": f"What is {i} + 1?", "output": f"The answer is {i + 1}."})
                               for i in range(12)))
-    stored, message = train_tab.store_upload(str(evil))
+    stored, message = train_tab.store_upload(service, str(evil))
     assert stored and "12 rows" in message
     path = Path(stored)
-    assert path.parent == train_tab.upload_dir() and "evil" not in path.name and path.suffix == ".jsonl"
+    assert path.parent == service.uploads_dir and "evil" not in path.name and path.suffix == ".jsonl"
     spec = train_tab.spec_from_form({**form, "data.kind": "upload", "data.upload": stored})
     assert spec.data.source == stored
-    assert train_tab.form_from_spec(spec)["data.kind"] == "upload"
+    assert train_tab.form_from_spec(spec, service.uploads_dir)["data.kind"] == "upload"
 
 
-def test_preview_renders_prompts_and_length_stats(form):
-    box, rows, stats = train_tab.preview(form)
+def test_preview_renders_prompts_and_length_stats(form, service):
+    box, rows, stats = train_tab.preview(service, form)
     assert _error(box) == ""
     assert len(rows) == train_tab.PREVIEW_ROWS and "### Response:" in rows[0][0] and rows[0][1]
     assert "20 rows" in stats and "truncated" in stats
-    box, rows, stats = train_tab.preview({**form, "data.kind": "hub id", "data.hub_id": ""})
+    box, rows, stats = train_tab.preview(service, {**form, "data.kind": "hub id", "data.hub_id": ""})
     assert "**data.source**" in _error(box) and rows == []
 
 
@@ -333,7 +335,10 @@ def test_compare_run_evaluations_validates_first(service, form, tiny_model_dir):
     assert "**eval.benchmarks**" in _error(compare_tab.run_evaluations(service, [f"job:{job_id}"], [], 5, 32))
     assert "**limit**" in _error(compare_tab.run_evaluations(service, [f"job:{job_id}"], ["toy"], -1, 32))
     assert service.list_jobs(kind="evaluate") == []
-    box = compare_tab.run_evaluations(service, [f"job:{job_id}", f"base:{tiny_model_dir}"], ["toy"], 5, 32)
+    assert "unknown benchmark 'toy'" in _error(
+        compare_tab.run_evaluations(service, [f"job:{job_id}"], ["toy"], 5, 32))  # refused at submit
+    assert service.list_jobs(kind="evaluate") == []
+    box = compare_tab.run_evaluations(service, [f"job:{job_id}", f"base:{tiny_model_dir}"], ["builtin:math"], 5, 32)
     assert _error(box) == ""
     queued = service.list_jobs(kind="evaluate")
     assert len(queued) == 2 and {j["target_job_id"] for j in queued} == {job_id, None}
