@@ -14,7 +14,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
+import stat
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +25,17 @@ from typing import Any
 import torch
 
 from .config import BUILTIN_DATASET, ConfigError
+from .deployment import Deployment, current
+from .sources import ASSETS  # noqa: F401  (re-exported, as before)
+from .sources import (BUILTIN_DATA, DATA_FILE_TYPES, DataSource, HubUnavailable, SourceError, read_hub_dataset,
+                      resolve_data)
 from .templates import render_prompt
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-BUILTIN_FILES = {BUILTIN_DATASET: ASSETS / "math_train.json"}
+BUILTIN_FILES = BUILTIN_DATA  # builtin:* name -> file (defined in core.sources, the one place for sources)
 FIELDS = ("instruction", "input", "output", "answer")
-FILE_TYPES = (".json", ".jsonl", ".csv")
+FILE_TYPES = DATA_FILE_TYPES
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
 
 
 class DataError(ConfigError):
@@ -42,13 +49,39 @@ class DataError(ConfigError):
 Located = tuple[str, Any]
 
 
-def _read_text(path: Path, encoding: str = "utf-8") -> str:
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _megabytes(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MB"
+    return f"{n / 1024:.0f} KB" if n >= 1024 else f"{n} bytes"
+
+
+def _read_text(path: Path, name: str, max_bytes: int = 0) -> str:
+    """The file as text: its size checked before it is read, binary files refused, a UTF-8 BOM dropped."""
     try:
-        return path.read_text(encoding=encoding)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path.name}: not UTF-8 text (byte {err.start})") from None
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise DataError(f"{name}: not a regular file")
+            if max_bytes and st.st_size > max_bytes:
+                raise DataError(f"{name} is {_megabytes(st.st_size)}; one data file may be at most "
+                                f"{_megabytes(max_bytes)} here")
+            raw = f.read(max_bytes + 1 if max_bytes else -1)
     except OSError as err:
-        raise DataError(f"{path.name}: cannot be read ({err.strerror or err})") from None
+        raise DataError(f"{name}: cannot be read ({err.strerror or err})") from None
+    if max_bytes and len(raw) > max_bytes:  # it grew while we looked
+        raise DataError(f"{name} is larger than {_megabytes(max_bytes)}, the limit for one data file here")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{name}: UTF-16 text; save it as UTF-8")
+    if b"\x00" in raw:
+        raise DataError(f"{name}: a binary file, not JSON, JSON Lines or CSV text")
+    try:
+        return raw.decode("utf-8-sig")  # -sig: editors and spreadsheets often write a BOM
+    except UnicodeDecodeError as err:
+        raise DataError(f"{name}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
 
 
 def _read_jsonl(name: str, text: str) -> list[Located]:
@@ -62,6 +95,8 @@ def _read_jsonl(name: str, text: str) -> list[Located]:
             rows.append((where, json.loads(line)))
         except json.JSONDecodeError as err:
             raise DataError(f"{name}: {where} is not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise DataError(f"{name}: {where} is nested too deeply") from None
     return rows
 
 
@@ -72,6 +107,8 @@ def _read_json(name: str, text: str) -> list[Located]:
         if text.lstrip()[:1] == "{":  # JSON Lines saved as .json
             return _read_jsonl(name, text)
         raise DataError(f"{name}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:
+        raise DataError(f"{name}: the JSON is nested too deeply") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1 and all(isinstance(v, dict) for v in lists[0]):  # {"train": [...]} / {"data": [...]}
@@ -79,73 +116,55 @@ def _read_json(name: str, text: str) -> list[Located]:
         else:  # a one-row JSON Lines file
             data = [data]
     if not isinstance(data, list):
-        raise DataError(f"{name}: expected a list of objects (got a JSON {type(data).__name__})")
+        raise DataError(f"{name}: expected a list of objects (got a JSON {_json_type(data)})")
     return [(f"row {n}", row) for n, row in enumerate(data, 1)]
 
 
-def _read_csv(name: str, text: str) -> list[Located]:
+def _read_csv(name: str, text: str, max_rows: int = 0) -> list[Located]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows: list[Located] = []
     try:
         for n, row in enumerate(reader, 1):
             # reader.line_num is the line the row ends on; a quoted field may span lines.
             rows.append((f"row {n} (line {reader.line_num})", row))
+            if max_rows and n >= max_rows:
+                break
     except csv.Error as err:
         raise DataError(f"{name}: not valid CSV near line {reader.line_num} ({err})") from None
     return rows
 
 
-def _read_file(path: Path) -> list[Located]:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _read_csv(path.name, _read_text(path, "utf-8-sig"))  # utf-8-sig: spreadsheets write a BOM
-    if suffix == ".jsonl":
-        return _read_jsonl(path.name, _read_text(path))
-    if suffix == ".json":
-        return _read_json(path.name, _read_text(path))
-    raise DataError(f"{path.name}: unsupported file type {suffix or '(none)'!r}; use .json, .jsonl or .csv")
+def read_rows(path: str | Path, name: str | None = None, fmt: str | None = None, max_bytes: int = 0,
+              max_rows: int = 0) -> list[Located]:
+    """The raw rows of a JSON / JSON Lines / CSV file, each with where it is ("row 3 (line 5)").
 
-
-def _read_hub(source: str, limit: int = 0) -> list[Located]:
-    """The train split of a hub dataset (or a local dataset directory) through ``datasets``.
-
-    When the hub cannot be reached, ``datasets`` is switched to offline mode for the call, so a cached
-    copy still loads and an uncached one fails at once instead of after ~25 s of retries.
+    ``name`` is what messages call the file (default: its name); ``fmt`` its type (default: its
+    suffix); ``max_bytes`` > 0 refuses a larger file before reading it. ``max_rows`` > 0 stops after
+    that many rows (JSON is parsed whole; the byte limit bounds it). Errors: ``DataError``.
     """
-    try:
-        from .models import hub_reachable
-    except ImportError:  # pragma: no cover - models is optional here
-        def hub_reachable() -> bool:
-            return True
+    path = Path(path)
+    name = name or path.name
+    fmt = (fmt or path.suffix).lower()
+    if fmt not in FILE_TYPES:
+        raise DataError(f"{name}: unsupported file type {fmt or '(none)'!r}; use .json, .jsonl or .csv")
+    text = _read_text(path, name, max_bytes)
+    if not text.strip():
+        raise DataError(f"{name}: the dataset is empty (the file holds no text)")
+    if fmt == ".csv":
+        return _read_csv(name, text, max_rows)
+    rows = _read_jsonl(name, text) if fmt == ".jsonl" else _read_json(name, text)
+    return rows[:max_rows] if max_rows else rows
 
-    offline = not Path(source).expanduser().is_dir() and not hub_reachable()
-    try:
-        import datasets
-        import datasets.config
-        import huggingface_hub.constants as hub_constants
 
-        saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-        if offline:
-            datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-        try:
-            ds = datasets.load_dataset(source, split="train")
-        finally:
-            datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-        if limit and len(ds) > limit:
-            ds = ds.select(range(limit))
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        reason = ("the hub could not be reached (offline) and it is not in the local datasets cache" if offline
-                  else f"the hub could not provide it ({type(err).__name__}: {first})")
-        raise DataError(f"no such file {source!r}, and {reason}. Give a local JSON/JSONL/CSV file, "
-                        f"or use the built-in set {BUILTIN_DATASET!r}.") from None
-    return [(f"row {n}", dict(row)) for n, row in enumerate(ds, 1)]
+_read_file = read_rows  # the former private name
 
 
 class Records(list):
-    """Normalised rows; ``skipped`` holds the 1-based numbers of rows left out for an empty response."""
+    """Normalised rows. ``skipped``: 1-based numbers of rows left out for an empty response;
+    ``notes``: what else the reader did that the user should know (rows cut at the server's limit)."""
 
     skipped: list[int]
+    notes: list[str]
 
 
 def _columns_note(row: dict) -> str:
@@ -154,37 +173,62 @@ def _columns_note(row: dict) -> str:
     return f"; its columns are {shown}" if names else ""
 
 
-def load_records(source: str, columns: dict[str, str] | None = None, limit: int = 0) -> Records:
+def _raw_rows(found: DataSource, max_bytes: int, max_rows: int) -> list[Located]:
+    if found.kind != "hub":
+        return read_rows(found.location, found.display_name, found.format, max_bytes, max_rows)
+    try:
+        _, rows = read_hub_dataset(found.location, ("train",), max_rows)
+    except HubUnavailable as err:
+        raise DataError(f"no such file {found.name!r}, and as a hub dataset: {err.reason}. Give a local "
+                        f"JSON/JSONL/CSV file, or use the built-in set {BUILTIN_DATASET!r}.") from None
+    return [(f"row {n}", row) for n, row in enumerate(rows, 1)]
+
+
+def load_records(source: str, columns: dict[str, str] | None = None, limit: int = 0, *,
+                 deployment: Deployment | None = None, display_name: str | None = None,
+                 uploads_dir: str | Path | None = None) -> Records:
     """Load and normalise instruction data; raise ``DataError`` naming the file and row at fault.
 
     ``source``: ``builtin:math``, a ``.json`` (a list of objects, or JSON Lines), ``.jsonl`` or ``.csv``
-    file, or a hub dataset id (its train split). ``columns`` maps our names (instruction, input, output,
-    answer) to the file's. ``limit`` keeps the first N usable rows (0 = all).
+    file, an upload, or a hub dataset id (its train split), as ``core.sources.resolve_data`` allows in
+    this deployment. ``columns`` maps our names (instruction, input, output, answer) to the file's.
+    ``limit`` keeps the first N usable rows (0 = all). ``display_name`` is what messages call the file
+    (default: the file's name; an upload's original name when stored beside it). ``uploads_dir``:
+    where uploads are kept, when not ``$WORKBENCH_HOME/uploads``.
 
-    A row whose instruction or output is missing or not text is an error; a row whose output is an
-    empty string (some public sets have a few) is skipped and its number kept in ``.skipped``.
+    Rules, the same for every format:
+
+    - a file larger than the deployment's ``upload_file_bytes`` is refused before it is read; binary,
+      UTF-16 and empty files are refused; a UTF-8 BOM is accepted;
+    - a row that is not an object, or whose instruction or output is absent or null (a mapped column
+      missing from the row, or a null value) is an error naming the row, the column, and the row's
+      columns; a row whose output is an empty string (some public sets have a few) is skipped and its
+      number kept in ``.skipped``;
+    - at most ``dataset_rows`` rows (the deployment's limit) are read: the rest are left out and
+      ``.notes`` says so (truncated, not refused: a preview of a large file still works).
     """
+    d = deployment or current()
     columns = dict(columns or {})
-    source = str(source).strip()
-    if source in BUILTIN_FILES:
-        raw, name = _read_file(BUILTIN_FILES[source]), source
-    else:
-        path = Path(source).expanduser()
-        looks_local = (path.suffix.lower() in FILE_TYPES or source.startswith((".", "/", "~", "\\"))
-                       or source.count("/") > 1)
-        if path.is_file():
-            raw, name = _read_file(path), path.name
-        elif looks_local and not path.is_dir():
-            raise DataError(f"no such file: {source}")
-        else:
-            raw, name = _read_hub(source, limit), source
+    try:
+        found = resolve_data(source, d, uploads_dir=uploads_dir)
+    except SourceError as err:
+        raise DataError(err.message, err.field) from None
+    name = display_name or found.display_name
+    found = DataSource(found.kind, found.name, found.location, name, found.format)
+    cap = int(d.limits.dataset_rows or 0)
+    wanted = [n for n in (cap + 1 if cap else 0, limit) if n]  # rows worth reading (cap + 1: to know it cut)
+    raw = _raw_rows(found, int(d.limits.upload_file_bytes or 0), min(wanted) if wanted else 0)
     records = Records()
-    records.skipped = []
+    records.skipped, records.notes = [], []
+    if cap and len(raw) > cap:
+        raw = raw[:cap]
+        records.notes.append(f"only the first {cap:,} rows of {name} were read (the server's limit per dataset)")
+    _check_mapping(name, columns, raw)
     for n, (where, row) in enumerate(raw, 1):
         if limit and len(records) >= limit:
             break
         if not isinstance(row, dict):
-            raise DataError(f"{name}: {where} is not an object (got {type(row).__name__})")
+            raise DataError(f"{name}: {where} is not an object (got {_a('JSON ' + _json_type(row))})")
         output_key = columns.get("output", "output")
         if row.get(output_key) == "" and isinstance(row.get(columns.get("instruction", "instruction")), str):
             records.skipped.append(n)
@@ -195,14 +239,17 @@ def load_records(source: str, columns: dict[str, str] | None = None, limit: int 
             value = row.get(key)
             if value is None or value == "":
                 if field in ("instruction", "output"):
-                    column = f" (column {key!r})" if key != field else ""
-                    raise DataError(f"{name}: {where} has no {field!r}{column}"
+                    if key in row and value is None:
+                        raise DataError(f"{name}: {where} has no {field!r}{_column(key, field)}: "
+                                        "its value is null")
+                    raise DataError(f"{name}: {where} has no {field!r}{_column(key, field)}"
                                     + (_columns_note(row) if key not in row else ""))
                 value = ""
             if isinstance(value, (int, float)) and not isinstance(value, bool) and field in ("input", "answer"):
                 value = str(value)
             if not isinstance(value, str):
-                raise DataError(f"{name}: {where}: {field!r} is a {type(value).__name__}, not text")
+                raise DataError(f"{name}: {where}: {field!r}{_column(key, field)} is {_a(_json_type(value))}, "
+                                "not text")
             rec[field] = value
         if not rec["answer"]:
             del rec["answer"]
@@ -211,6 +258,30 @@ def load_records(source: str, columns: dict[str, str] | None = None, limit: int 
         what = "has no usable rows (every response is empty)" if records.skipped else "is empty"
         raise DataError(f"{name}: the dataset {what}")
     return records
+
+
+def _check_mapping(name: str, columns: dict[str, str], raw: list[Located]) -> None:
+    """A column the mapping names must be in the file (in at least one row: JSON rows may differ)."""
+    wanted = {key: field for field, key in columns.items() if key and key != field}
+    if not wanted:
+        return
+    seen: dict[str, None] = {}
+    for _, row in raw:
+        if isinstance(row, dict):
+            seen.update(dict.fromkeys(str(k) for k in row if k is not None))
+    for key, field in wanted.items():
+        if key not in seen:
+            shown = ", ".join(repr(k) for k in list(seen)[:12]) + (", ..." if len(seen) > 12 else "")
+            raise DataError(f"{name}: the column {key!r} (mapped to {field!r}) is not in the file; "
+                            f"its columns are {shown or 'none'}")
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
+def _column(key: str, field: str) -> str:
+    return f" (column {key!r})" if key != field else ""
 
 
 def split_records(records: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:

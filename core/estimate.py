@@ -26,51 +26,52 @@ from typing import Any
 import torch
 
 from .config import AdapterConfig, ConfigError, DataSettings, ModelSettings, TrainSettings
+from .deployment import Deployment, current
 from .inject import adapter_state_dict, attach, trainable_report
 
-_configs: dict[tuple[str, bool], Any] = {}
+_configs: dict[tuple[str, str, bool], Any] = {}
 _configs_lock = threading.Lock()
 
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + two fp32 AdamW moments
 LOGIT_BYTES = 8  # fp32 logits and their gradient, per position per vocabulary entry
 
 
-def model_config(settings: ModelSettings) -> Any:
+def model_config(settings: ModelSettings, deployment: Deployment | None = None) -> Any:
     """The ``transformers`` config of ``settings.name``, read once per process.
 
-    Raises ``ConfigError('model.name', ...)`` with the loader's explanation when it cannot be read.
+    The name is checked by ``core.sources`` on every call (cached or not). Raises
+    ``ConfigError('model.name', ...)`` with the loader's explanation when it cannot be read, and
+    ``core.sources.RemoteCodeError`` (a ``ConfigError``: "<model> needs remote code; runs inside the
+    job") for a model whose config names its own code: nothing of it runs here.
     """
-    key = (str(settings.name).strip(), bool(settings.trust_remote_code))
+    from .models import _prepare, load_config
+
+    d = deployment or current()
+    if not str(settings.name).strip():
+        raise ConfigError("model.name", "name a model")
+    found, trust = _prepare(settings, d)  # ModelLoadError / RemoteCodeError: both ConfigErrors
+    key = (found.kind, found.location, trust)
     with _configs_lock:
         if key in _configs:
             return _configs[key]
-    from transformers import AutoConfig
-
-    from .models import ModelLoadError, resolve_source
-
-    if not key[0]:
-        raise ConfigError("model.name", "name a model")
-    try:
-        source = resolve_source(key[0])
-        cfg = AutoConfig.from_pretrained(source, trust_remote_code=key[1])
-    except ModelLoadError as err:
-        raise ConfigError("model.name", str(err)) from None
-    except Exception as err:  # transformers raises many kinds (OSError, ValueError, HTTP errors)
-        raise ConfigError("model.name", f"could not read the config of {key[0]!r}: "
-                                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+    cfg = load_config(settings, deployment=d)  # the embedded model is converted once here (app warm-up)
     with _configs_lock:
         _configs[key] = cfg
     return cfg
 
 
-def meta_model(settings: ModelSettings) -> torch.nn.Module:
+def meta_model(settings: ModelSettings, deployment: Deployment | None = None) -> torch.nn.Module:
     """The base model's modules with shapes but no storage (``meta`` device)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = model_config(settings)
+    from .models import _prepare
+
+    d = deployment or current()
+    cfg = model_config(settings, d)
+    _, trust = _prepare(settings, d)
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=settings.trust_remote_code)
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust)
     except Exception as err:
         raise ConfigError("model.name", f"{settings.name!r} is not a causal language model this workbench can "
                                         f"build ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
@@ -103,13 +104,16 @@ def _dtype_bytes(settings: ModelSettings) -> tuple[str, int]:
 
 
 def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
-             data: DataSettings | None = None, train: TrainSettings | None = None) -> dict[str, Any]:
+             data: DataSettings | None = None, train: TrainSettings | None = None,
+             deployment: Deployment | None = None) -> dict[str, Any]:
     """What training ``adapter_cfg`` on ``model_settings`` would cost, without loading any weights.
 
     Returns ``trainable``, ``base``, ``percent``, ``per_kind``, ``modules`` (exactly
     ``trainable_report`` of the attached model), ``adapter_bytes`` (the fp32 ``adapter.safetensors``),
     ``memory_bytes`` and its parts (``memory_parts``), and the model's ``model_type``, ``layers``,
-    ``hidden_size`` and ``dtype``. Raises ``ConfigError`` naming the field for invalid settings.
+    ``hidden_size`` and ``dtype``. Raises ``ConfigError`` naming the field for invalid settings (and
+    ``core.sources.RemoteCodeError``, a ``ConfigError``, for a model whose own code would have to run:
+    the UI shows its message in place of the estimate).
     """
     data = data or DataSettings()
     train = train or TrainSettings()
@@ -121,11 +125,11 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
         adapter_cfg.validate()
     except ConfigError as err:
         raise err.within("adapter") from None
-    cfg = model_config(model_settings)
+    cfg = model_config(model_settings, deployment)
     if adapter_cfg.method == "prompt":  # the count does not depend on how the prompt is initialised
         adapter_cfg = dataclasses.replace(adapter_cfg, settings=dataclasses.replace(adapter_cfg.settings,
                                                                                    init="random"))
-    model = meta_model(model_settings)
+    model = meta_model(model_settings, deployment)
     try:
         with torch.device("meta"):
             attach(model, adapter_cfg)

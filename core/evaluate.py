@@ -41,6 +41,8 @@ from typing import Any, Callable
 import torch
 
 from .config import EvalSettings
+from .deployment import Deployment, current
+from .sources import HubUnavailable, SourceError, read_hub_dataset, resolve_data
 from .templates import render_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,52 +283,26 @@ def _info_for_path(path: Path) -> BenchmarkInfo | None:
     return None
 
 
-def _read_rows(path: Path) -> list[tuple[str, Any]]:
-    from .data import DataError, _read_file
+def _read_rows(path: Path, name: str | None = None, fmt: str | None = None,
+               deployment: Deployment | None = None) -> list[tuple[str, Any]]:
+    from .data import DataError, read_rows
 
+    d = deployment or current()
     try:
-        return _read_file(path)
+        return read_rows(path, name, fmt, max_bytes=int(d.limits.upload_file_bytes or 0))
     except DataError as err:
         raise BenchmarkError(err.message) from None
 
 
 def _read_hub(source: str) -> list[tuple[str, Any]]:
-    """A hub dataset's test split (else validation, else train) through ``datasets``; fails fast offline."""
+    """A hub dataset's test split (else validation, else train); fails fast offline (``core.sources``)."""
     try:
-        from .models import hub_reachable
-    except ImportError:  # pragma: no cover
-        def hub_reachable(timeout: float = 3.0) -> bool:
-            return True
-    local_dir = Path(source).expanduser().is_dir()
-    offline = not local_dir and not hub_reachable()
-    try:
-        import datasets
-        import datasets.config
-        import huggingface_hub.constants as hub_constants
-    except ImportError:
-        raise BenchmarkError(f"{source!r} is not a known benchmark or a file, and the `datasets` package needed "
-                             "to read hub datasets is not installed") from None
-    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    try:
-        if offline:
-            datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-        loaded = datasets.load_dataset(source)
-        split = next((s for s in ("test", "validation", "train") if s in loaded), next(iter(loaded), None))
-        if split is None:
-            raise BenchmarkError(f"hub dataset {source!r} has no splits")
-        ds = loaded[split]
-    except BenchmarkError:
-        raise
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        reason = ("the hub cannot be reached (offline) and it is not in the local datasets cache" if offline
-                  else f"the hub could not provide it ({type(err).__name__}: {first})")
+        split, rows = read_hub_dataset(source, ("test", "validation", "train"))
+    except HubUnavailable as err:
         known = ", ".join(BENCHMARKS)
         raise BenchmarkError(f"{source!r} is not a local file or a known benchmark ({known}), and as a hub "
-                             f"dataset: {reason}") from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-    return [(f"row {n} ({split} split)", dict(row)) for n, row in enumerate(ds, 1)]
+                             f"dataset: {err.reason}") from None
+    return [(f"row {n} ({split} split)", row) for n, row in enumerate(rows, 1)]
 
 
 _INSTRUCTION_KEYS = ("instruction", "question", "prompt")
@@ -361,10 +337,13 @@ def _normalise(rows: list[tuple[str, Any]], name: str, from_hub: bool = False) -
     return examples
 
 
-def load_benchmark(name_or_path: str | Path, data_dir: str | Path | None = None) -> Benchmark:
+def load_benchmark(name_or_path: str | Path, data_dir: str | Path | None = None,
+                   deployment: Deployment | None = None) -> Benchmark:
     """A benchmark by registry name (looked up in ``data_dir``), file path, ``builtin:math`` or hub id.
 
-    Raises ``BenchmarkError`` naming the file and row at fault for a malformed file.
+    Registry names and ``builtin:math`` are read from the server's own folders; anything else is a
+    data source, checked by ``core.sources.resolve_data`` against the deployment (data folders, the
+    public allowlist of hub datasets). Raises ``BenchmarkError`` naming the file and row at fault.
     """
     source = str(name_or_path).strip()
     if not source:
@@ -374,9 +353,8 @@ def load_benchmark(name_or_path: str | Path, data_dir: str | Path | None = None)
         if not path.is_file():
             raise BenchmarkError(f"the built-in math benchmark is missing ({path}); reinstall the workbench")
         return Benchmark(BUILTIN_MATH, "number", _normalise(_read_rows(path), BUILTIN_MATH), str(path))
-    path = Path(source).expanduser()
     info = benchmark_info(source)
-    if info is not None and not path.is_file():
+    if info is not None:
         directory = eval_dir(data_dir)
         found = _find_file(info, directory)
         if found is None:
@@ -385,20 +363,23 @@ def load_benchmark(name_or_path: str | Path, data_dir: str | Path | None = None)
                 f"LLM-Adapters file there (or set {EVAL_DIR_ENV} to its folder), or give a file path")
         examples = _normalise(_read_rows(found), found.name)
         return Benchmark(info.name, info.answer_type, examples, str(found))
-    if path.is_file():
-        examples = _normalise(_read_rows(path), path.name)
-        info = _info_for_path(path)
-        kind = info.answer_type if info else infer_answer_type([e["answer"] for e in examples], path.name)
-        return Benchmark(info.name if info else path.stem, kind, examples, str(path))
-    looks_local = (path.suffix.lower() in FILE_TYPES or source.startswith((".", "/", "~", "\\"))
-                   or source.count("/") > 1)
-    if looks_local and not path.is_dir():
-        raise BenchmarkError(f"no such file: {source}")
-    if "/" not in source and not path.is_dir():
+    bare = not any(c in source for c in "/\\") and not source.startswith((".", "~"))
+    if bare and Path(source).suffix.lower() not in FILE_TYPES:
         raise BenchmarkError(f"unknown benchmark {source!r}; known: {', '.join(BENCHMARKS)}, {BUILTIN_MATH}; "
                              "or give a file path or a hub dataset id (owner/name)")
-    examples = _normalise(_read_hub(source), source, from_hub=True)
-    return Benchmark(source, infer_answer_type([e["answer"] for e in examples], source), examples, source)
+    try:
+        where = resolve_data(source, deployment, field="eval.benchmarks")
+    except SourceError as err:
+        raise BenchmarkError(err.message) from None
+    if where.kind == "hub":
+        examples = _normalise(_read_hub(where.location), source, from_hub=True)
+        return Benchmark(source, infer_answer_type([e["answer"] for e in examples], source), examples, source)
+    path = Path(where.location)
+    examples = _normalise(_read_rows(path, where.display_name, where.format, deployment), where.display_name)
+    named = Path(where.display_name) if where.kind == "upload" else Path(source)
+    info = _info_for_path(named)
+    kind = info.answer_type if info else infer_answer_type([e["answer"] for e in examples], where.display_name)
+    return Benchmark(info.name if info else named.stem, kind, examples, str(path))
 
 
 _count_cache: dict[tuple[str, int, int], int] = {}

@@ -2,7 +2,11 @@
 
 Models are loaded once per process: the base through ``models.get_model``; each adapter on its own
 copy of the base (a 135M model in bf16 is ~270 MB), kept in a small LRU so switching back and forth
-between a few adapters costs nothing.
+between a few adapters costs nothing. Both caches hold at most the deployment's
+``limits.chat_models_resident`` models (least recently used evicted), and an answer is at most
+``limits.chat_new_tokens`` tokens long: a longer ``max_new_tokens`` is clamped silently, so a form
+with a generous default works in every mode. Base models go through ``core.sources`` like every other
+load: a model whose own code would have to run is refused here (``RemoteCodeError``).
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .config import JobSpec, ModelSettings
+from .deployment import Deployment, current
 from .inject import load_adapter, read_adapter_config
 from .models import get_model
 from .templates import render_prompt
 
 STOP_MARKERS = ("\n### Instruction", "\n### Input", "\n### Response", "\nBelow is an instruction")
-MAX_ADAPTERS_IN_MEMORY = 4
 
 
 @dataclass
@@ -48,14 +52,17 @@ _lock = threading.Lock()
 _adapted: "OrderedDict[str, ChatModel]" = OrderedDict()
 
 
-def base_chat_model(settings: ModelSettings | None = None, template: str = "alpaca") -> ChatModel:
-    loaded = get_model(settings or ModelSettings())
+def base_chat_model(settings: ModelSettings | None = None, template: str = "alpaca",
+                    deployment: Deployment | None = None) -> ChatModel:
+    loaded = get_model(settings or ModelSettings(), deployment)
     return ChatModel(name=f"base: {loaded.name}", model=loaded.model, tokenizer=loaded.tokenizer,
                      template=template, dtype=loaded.compute_dtype)
 
 
-def adapter_chat_model(adapter_dir: str | Path, name: str | None = None) -> ChatModel:
+def adapter_chat_model(adapter_dir: str | Path, name: str | None = None,
+                       deployment: Deployment | None = None) -> ChatModel:
     """The base model of the adapter with the adapter loaded (cached per process)."""
+    d = deployment or current()
     key = str(Path(adapter_dir).resolve())
     with _lock:
         if key in _adapted:
@@ -65,7 +72,7 @@ def adapter_chat_model(adapter_dir: str | Path, name: str | None = None) -> Chat
     training = meta.get("training", {})
     spec = JobSpec.from_dict(training["spec"]) if "spec" in training else None
     settings = spec.model if spec else ModelSettings(name=meta.get("base_model") or ModelSettings().name)
-    loaded = get_model(settings)
+    loaded = get_model(settings, d)
     model = copy.deepcopy(loaded.model)
     load_adapter(model, adapter_dir, tokenizer=loaded.tokenizer)
     model.eval()
@@ -73,7 +80,7 @@ def adapter_chat_model(adapter_dir: str | Path, name: str | None = None) -> Chat
                      template=spec.data.template if spec else "alpaca", dtype=loaded.compute_dtype)
     with _lock:
         _adapted[key] = chat
-        while len(_adapted) > MAX_ADAPTERS_IN_MEMORY:
+        while len(_adapted) > max(1, int(d.limits.chat_models_resident or 1)):
             _adapted.popitem(last=False)
     return chat
 
@@ -93,8 +100,17 @@ def _cut(text: str) -> str:
     return text
 
 
-def stream_answer(chat: ChatModel, question: str, settings: GenerationSettings | None = None) -> Iterator[str]:
-    """Yield the answer as it grows (each item is the whole answer so far)."""
+def new_tokens(settings: GenerationSettings, deployment: Deployment | None = None) -> int:
+    """``settings.max_new_tokens`` clamped to [1, the deployment's ``chat_new_tokens``]."""
+    cap = int((deployment or current()).limits.chat_new_tokens or 0)
+    wanted = max(1, int(settings.max_new_tokens))
+    return min(wanted, cap) if cap > 0 else wanted
+
+
+def stream_answer(chat: ChatModel, question: str, settings: GenerationSettings | None = None,
+                  deployment: Deployment | None = None) -> Iterator[str]:
+    """Yield the answer as it grows (each item is the whole answer so far); at most the deployment's
+    ``chat_new_tokens`` new tokens (a larger ``max_new_tokens`` is clamped)."""
     settings = settings or GenerationSettings()
     tok = chat.tokenizer
     prompt = render_prompt(question, "", chat.template, tok)
@@ -103,7 +119,7 @@ def stream_answer(chat: ChatModel, question: str, settings: GenerationSettings |
     inputs = {k: v.to(device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     sample = settings.temperature > 0
-    kwargs = dict(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=sample, streamer=streamer,
+    kwargs = dict(**inputs, max_new_tokens=new_tokens(settings, deployment), do_sample=sample, streamer=streamer,
                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                   stopping_criteria=StoppingCriteriaList([_StopOnMarkers(tok, inputs["input_ids"].shape[1])]))
     if sample:
@@ -132,8 +148,9 @@ def stream_answer(chat: ChatModel, question: str, settings: GenerationSettings |
         raise errors[0]
 
 
-def answer(chat: ChatModel, question: str, settings: GenerationSettings | None = None) -> str:
+def answer(chat: ChatModel, question: str, settings: GenerationSettings | None = None,
+           deployment: Deployment | None = None) -> str:
     result = ""
-    for result in stream_answer(chat, question, settings):
+    for result in stream_answer(chat, question, settings, deployment):
         pass
     return result

