@@ -271,13 +271,14 @@ def store_upload(service: Any, file_path: str | None, name: str | None = None) -
     except (JobError, OSError) as err:
         return None, error_text(err)
     try:
-        records = data_mod.load_records(stored["path"])
+        records = data_mod.load_records(stored["path"], uploads_dir=service.uploads_dir)
     except ConfigError as err:
         service.forget_upload(stored["path"])
         return None, error_text(ConfigError("data.source", err.message))
     skipped = getattr(records, "skipped", [])
     note = f" ({len(skipped)} rows with an empty response skipped)" if skipped else ""
-    return stored["path"], f"{len(records):,} rows read from `{stored['name']}`{note}."
+    notes = "".join(f" {n}" for n in getattr(records, "notes", []))
+    return stored["path"], f"{len(records):,} rows read from `{stored['name']}`{note}.{notes}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -295,10 +296,13 @@ def preview(service: Any, form: dict[str, Any]) -> tuple[dict, list[list[str]], 
     try:
         settings = collect(DataSettings, "data", form, skip=("source",))
         source = service.resolve_data(data_source(form), kind=SOURCE_KINDS.get(form.get("data.kind")))
-        records = data_mod.load_records(source, settings.get("columns") or {}, settings.get("limit") or 0)
+        records = data_mod.load_records(source, settings.get("columns") or {}, settings.get("limit") or 0,
+                                        uploads_dir=service.uploads_dir)
         ms = model_settings(form)
         try:
             tok = _tokenizer(ms.name, ms.trust_remote_code)
+        except ConfigError:  # not allowed here, needs remote code, cannot be found: it names model.name
+            raise
         except Exception as err:  # a model that cannot be loaded: say so where the preview would be
             raise ConfigError("model.name", str(err)) from None
         template = settings.get("template", "alpaca")
@@ -316,7 +320,8 @@ def preview(service: Any, form: dict[str, Any]) -> tuple[dict, list[list[str]], 
     stats_md = (f"**{len(records):,} rows**{sample} · tokens per example: min {stats.get('min')}, mean "
                 f"{stats.get('mean')}, median {stats.get('median')}, p95 {stats.get('p95')}, max {stats.get('max')} · "
                 f"**{stats.get('num_truncated', 0)} truncated** at {settings.get('cutoff_len')} · "
-                f"{stats.get('num_dropped', 0)} dropped (no response token left)")
+                f"{stats.get('num_dropped', 0)} dropped (no response token left)"
+                + "".join(f" · {n}" for n in getattr(records, "notes", [])))
     return error_update(None), [[r["prompt"], r["response"]] for r in rows], stats_md
 
 

@@ -325,7 +325,11 @@ class JobService(ComparisonAPI, StudiesAPI):
     def _check_model(self, spec: Any) -> None:
         """The model is one this deployment may load (``core.sources``); a local folder is recorded by
         its real path (the child runs elsewhere), and its layer count bounds ``adapter.layers``."""
-        spec.model.name = self.resolve_model(spec.model.name)
+        from core.sources import check_job_remote_code, resolve_model
+
+        source = resolve_model(_as_text(spec.model.name, "model.name"), self.deployment)
+        check_job_remote_code(source, spec.model, self.deployment)  # the job could run it: else say which switch
+        spec.model.name = source.location
         layers = _config_layers(spec.model.name)
         if layers is not None:
             from core.config import ConfigError, parse_layers
@@ -344,7 +348,8 @@ class JobService(ComparisonAPI, StudiesAPI):
         if spec.data.source.startswith("builtin:") or Path(spec.data.source).suffix == "":
             return  # built-in (checked in the repository's tests) or a hub dataset (read by the job)
         try:
-            load_records(spec.data.source, spec.data.columns, limit=CHECK_ROWS)
+            load_records(spec.data.source, spec.data.columns, limit=CHECK_ROWS, deployment=self.deployment,
+                         uploads_dir=self.uploads_dir)
         except ConfigError as err:
             raise ConfigError("data.source", err.message) from None
 

@@ -45,3 +45,7 @@ def data(tmp_path) -> Path:
     from tests.test_jobs_support import write_data
 
     return write_data(tmp_path / "rows.json")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: takes tens of seconds (child processes, real training); CI runs it")
