@@ -3,24 +3,38 @@
     python -m core spec                              # the default job spec as JSON: edit it
     python -m core train --config spec.json [--out DIR] [--max-steps N] [--method lora] ...
     python -m core generate --adapter DIR "question"  # answer with a trained adapter (--base: without)
+
+``train --out DIR`` refuses a folder that already holds files, unless ``--resume CHECKPOINT`` continues
+a run there or ``--force`` starts over (replacing a previous run's outputs, nothing else).
+
+Errors print one line, ``error: ...``, on stderr, never a traceback (``WORKBENCH_DEBUG=1`` adds it):
+exit status 2 when what was asked is wrong (arguments, the spec file, a folder), 1 when it could not be
+done. Arguments are checked before torch is imported, so a mistake is reported at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 from .config import AdapterConfig, ConfigError, JobSpec
-from .train import TrainCallbacks
+from .paths import InputFileError, WorkbenchHomeError, cli_error, read_json, runs_dir
+
+USAGE, FAILURE = 2, 1
+# What ``core.train.Trainer`` writes into its output folder (named here: importing core.train loads torch).
+RUN_OUTPUTS = ("spec.json", "metrics.jsonl", "checkpoints", "adapter")
 
 
 def _spec_from_args(args: argparse.Namespace) -> JobSpec:
-    spec = JobSpec.from_json(Path(args.config).read_text()) if args.config else JobSpec()
+    spec = read_json(args.config, "job spec", JobSpec.from_dict) if args.config else JobSpec()
+    flagged = []  # the fields set by flags: their errors are the flags', not the file's
     if args.method:
         spec.adapter = AdapterConfig.for_method(args.method)
+        flagged.append("adapter")
     for flag, section, name in [("model", "model", "name"), ("data", "data", "source"),
                                 ("max_steps", "train", "max_steps"), ("epochs", "train", "epochs"),
                                 ("lr", "train", "learning_rate"), ("batch_size", "train", "batch_size"),
@@ -29,11 +43,46 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         value = getattr(args, flag)
         if value is not None:
             setattr(getattr(spec, section), name, value)
-    return spec.validate()
+            flagged.append(f"{section}.{name}")
+    try:
+        return spec.validate()
+    except ConfigError as err:
+        if not args.config or any(err.field == f or err.field.startswith(f + ".") for f in flagged):
+            raise
+        raise InputFileError(f"{args.config}: {err}") from err
 
 
-class ProgressBar(TrainCallbacks):
-    """Training callbacks that draw one progress line on stderr."""
+def check_out_dir(out: Path, shown: str, resume: str | None, force: bool) -> None:
+    """Refuse to train into ``out`` when it already holds files, unless resuming (``resume``) or told to
+    start over (``force``: a previous run's outputs there are removed, other files stay). ``shown`` is the
+    folder as the user wrote it. Raises ``InputFileError``."""
+    if out.exists() and not out.is_dir():
+        raise InputFileError(f"--out {shown} is a file, not a folder")
+    if resume is not None:
+        if not (Path(resume) / "state.pt").is_file():
+            steps = sorted((p.parent for p in Path(resume).glob("checkpoints/step-*/state.pt")
+                            if p.parent.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+            hint = f" (the latest in that run is {steps[-1]})" if steps else ""
+            raise InputFileError(f"--resume {resume} is not a checkpoint folder (it has no state.pt){hint}")
+        return
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        listed = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise InputFileError(f"--out {shown} is not empty (it holds {listed}); give --resume CHECKPOINT to "
+                             f"continue a run there, --force to start over in it, or another folder")
+    for name in RUN_OUTPUTS if held else ():
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+class ProgressBar:
+    """Training callbacks (the ``core.train.TrainCallbacks`` interface) that draw one progress line on
+    stderr. Not a subclass, so that this module, and argument errors, stay free of torch."""
+
+    drawn = False  # a progress line is on screen without its newline
 
     def on_start(self, info):
         print(f"training {info['trainable']:,} parameters ({info['percent']:.3f}% of the base) on "
@@ -45,9 +94,23 @@ class ProgressBar(TrainCallbacks):
         sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {r.step}/{r.total_steps} loss {r.loss:.4f} "
                          f"lr {r.lr:.2e} {r.tokens_per_s:,.0f} tok/s ETA {r.eta_s:,.0f}s ")
         sys.stderr.flush()
+        self.drawn = True
 
     def on_eval(self, r):
         sys.stderr.write(f"\n  step {r.step}: validation loss {r.val_loss:.4f}\n")
+        self.drawn = False
+
+    def on_checkpoint(self, step, path):
+        pass
+
+    def should_stop(self):
+        return False
+
+    def end_line(self) -> None:
+        """End a progress line left open, so what follows starts on a line of its own."""
+        if self.drawn:
+            sys.stderr.write("\n")
+            self.drawn = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="train an adapter from a job spec")
     tr.add_argument("--config", help="job spec JSON (default: the built-in default spec)")
     tr.add_argument("--out", help="output directory (default: $WORKBENCH_HOME/runs/cli-<time>)")
-    tr.add_argument("--resume", help="checkpoint directory to resume from")
+    tr.add_argument("--resume", help="checkpoint directory to resume from (OUT/checkpoints/step-N)")
+    tr.add_argument("--force", action="store_true",
+                    help="train into a non-empty --out folder, replacing a previous run's outputs there")
     tr.add_argument("--method", help="adapter method (its default settings)")
     tr.add_argument("--model")
     tr.add_argument("--data")
@@ -75,32 +140,55 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("question")
     args = parser.parse_args(argv)
 
+    bar = ProgressBar()
     try:
-        if args.command == "spec":
-            print(JobSpec().to_json())
-            return 0
-        if args.command == "train":
-            from .paths import runs_dir
-            from .train import train
+        return run(args, bar)
+    except KeyboardInterrupt:
+        bar.end_line()
+        return cli_error("interrupted", FAILURE)
+    except (InputFileError, ConfigError, FileNotFoundError, ValueError) as err:
+        bar.end_line()
+        return cli_error(str(err), USAGE)
+    except WorkbenchHomeError as err:
+        return cli_error(str(err), FAILURE)
+    except OSError as err:
+        bar.end_line()
+        where = f": {err.filename}" if err.filename else ""
+        return cli_error(f"{(err.strerror or str(err)).lower()}{where}", FAILURE)
+    except Exception as err:  # a bug or, say, out of memory: still one line; the traceback with WORKBENCH_DEBUG=1
+        bar.end_line()
+        return cli_error(f"unexpected {type(err).__name__}: {err} (WORKBENCH_DEBUG=1 shows the traceback)", FAILURE)
 
-            spec = _spec_from_args(args)
-            out = Path(args.out) if args.out else runs_dir() / f"cli-{time.strftime('%Y%m%d-%H%M%S')}"
-            result = train(spec, out, ProgressBar(), resume_from=args.resume)
-            print(f"\n{result.status}: {result.steps} steps in {result.elapsed_s:.0f}s, final loss "
-                  f"{result.final_loss:.4f}, best validation loss {result.best_val_loss}, "
-                  f"{result.tokens_per_s:,.0f} tokens/s, peak memory {result.peak_memory_mb:,.0f} MB", file=sys.stderr)
-            print(result.adapter_dir)
-            return 0
-        if args.command == "generate":
-            from .generate import GenerationSettings, adapter_chat_model, answer, base_chat_model
 
-            chat = adapter_chat_model(args.adapter) if args.adapter else base_chat_model()
-            print(answer(chat, args.question, GenerationSettings(max_new_tokens=args.max_new_tokens)))
-            return 0
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 1
+def run(args: argparse.Namespace, bar: ProgressBar) -> int:
+    """Carry out the parsed command; errors propagate to ``main``, which reports them."""
+    if args.command == "spec":
+        print(JobSpec().to_json())
+        return 0
+    if args.command == "train":
+        spec = _spec_from_args(args)
+        out = Path(args.out).expanduser() if args.out else runs_dir() / f"cli-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_out_dir(out, args.out or str(out), args.resume, args.force)
+        out.mkdir(parents=True, exist_ok=True)
+        from .train import train  # torch: only once the arguments are known to be good
+
+        result = train(spec, out, bar, resume_from=args.resume)
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
+        bar.end_line()
+        print(f"{result.status}: {result.steps} steps in {result.elapsed_s:.0f}s, final loss "
+              f"{loss}, best validation loss {result.best_val_loss}, "
+              f"{result.tokens_per_s:,.0f} tokens/s, peak memory {result.peak_memory_mb:,.0f} MB", file=sys.stderr)
+        print(result.adapter_dir)
+        return 0
+    if args.command == "generate":
+        if args.adapter and not Path(args.adapter).is_dir():
+            raise InputFileError(f"--adapter {args.adapter}: no such folder (a run's adapter/ folder)")
+        from .generate import GenerationSettings, adapter_chat_model, answer, base_chat_model
+
+        chat = adapter_chat_model(args.adapter) if args.adapter else base_chat_model()
+        print(answer(chat, args.question, GenerationSettings(max_new_tokens=args.max_new_tokens)))
+        return 0
+    return FAILURE
 
 
 if __name__ == "__main__":

@@ -12,18 +12,44 @@
     python -m jobs worker [--concurrency N] [--poll S] [--until-idle]
 
 ``--db URL`` (before the command) picks the database; default ``$WORKBENCH_DB_URL`` or
-``$WORKBENCH_HOME/workbench.db``. Errors print ``error: ...`` on stderr and exit with status 2.
+``$WORKBENCH_HOME/workbench.db``.
+
+Errors print one line, ``error: ...``, on stderr, never a traceback (``WORKBENCH_DEBUG=1`` adds it):
+exit status 2 when what was asked is wrong (arguments, a spec or study file, an unknown id), 1 when it
+could not be done (the database, the data folder, a job whose state does not allow it, an interrupt).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
-from pathlib import Path
+from typing import Any, Callable
 
-from .service import ARTIFACT_KINDS, JobError, JobService
+from core.config import JobSpec
+from core.paths import InputFileError, WorkbenchHomeError, cli_error, read_json, settings_of
+
+from .db import DatabaseError
+from .schema import STATUSES
+from .service import ARTIFACT_KINDS, JobError, JobNotFound, JobService
+
+USAGE, FAILURE = 2, 1
+
+
+def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` that is at least ``low``."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {text})")
+        return value
+    return parse
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -94,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     p.add_argument("--target", type=int, help="evaluate: the training job whose adapter to evaluate")
     p = sub.add_parser("list", help="list jobs, newest first")
-    p.add_argument("--status")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--limit", type=at_least(1))
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("show", help="one job")
     p.add_argument("id", type=int)
@@ -104,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=text).add_argument("id", type=int)
     p = sub.add_parser("logs", help="the job's log")
     p.add_argument("id", type=int)
-    p.add_argument("--tail", type=int, default=200, help="last N lines (0 = all)")
+    p.add_argument("--tail", type=at_least(0), default=200, help="last N lines (0 = all)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     p = sub.add_parser("delete", help="delete a finished job and its files")
     p.add_argument("id", type=int)
@@ -127,45 +153,83 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compare", help="accuracy matrix of evaluated models (Markdown or CSV)")
     p.add_argument("--csv", action="store_true")
     p = sub.add_parser("worker", help="run queued jobs until stopped")
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--poll", type=float, default=1.0)
+    p.add_argument("--concurrency", type=at_least(1), default=1)
+    p.add_argument("--poll", type=at_least(0.01, float), default=1.0)
     p.add_argument("--until-idle", action="store_true", help="exit when nothing is queued or running here")
     args = parser.parse_args(argv)
+    if getattr(args, "target", None) is not None and args.kind != "evaluate":
+        parser.error("--target is for --kind evaluate")
 
     try:
-        service = JobService(args.db)
-        cmd = args.command
-        if cmd == "submit":
-            text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text()
-            job_id = service.submit(text, kind=args.kind, name=args.name, target_job_id=args.target)
-            print(f"queued {args.kind} job {job_id}", file=sys.stderr)
-            print(job_id)
-        elif cmd == "list":
-            jobs = service.list_jobs(status=args.status, limit=args.limit)
-            if args.json:
-                print(json.dumps(jobs, indent=2))
-            else:
-                _print_table(jobs)
-        elif cmd == "show":
-            job = service.get(args.id)
-            if args.json:
-                print(json.dumps(job, indent=2))
-            else:
-                _show(job)
-        elif cmd == "cancel":
-            status = service.cancel(args.id)
-            print(f"job {args.id}: {'cancel requested; it stops at its next step' if status == 'running' else status}")
-        elif cmd == "resume":
-            new_id = service.resume(args.id)
-            print(f"job {new_id} continues job {args.id} from {service.get(new_id)['resume_checkpoint']}",
-                  file=sys.stderr)
-            print(new_id)
-        elif cmd == "logs":
-            text = service.logs(args.id, args.tail or None)
-            sys.stdout.write(text)
-            if args.follow:
-                path = service.log_path(args.id)
-                pos = path.stat().st_size if path.is_file() else 0
+        return run(args)
+    except BrokenPipeError:  # `python -m jobs list | head`: the reader is gone; so is anything left to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return cli_error("interrupted", FAILURE)
+    except JobNotFound as err:  # before JobError: an id that does not exist is a wrong argument
+        return cli_error(str(err), USAGE)
+    except KeyError as err:  # "no study 7", "no evaluation 3"
+        return cli_error(str(err.args[0]) if err.args else "not found", USAGE)
+    except (InputFileError, FileNotFoundError, ValueError) as err:
+        # ConfigError is a ValueError: "error: spec.json: train.learning_rate: must be > 0 (got -0.001)"
+        return cli_error(str(err), USAGE)
+    except (DatabaseError, WorkbenchHomeError, JobError, NotImplementedError) as err:
+        return cli_error(str(err), FAILURE)
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        return cli_error(f"{(err.strerror or str(err)).lower()}{where}", FAILURE)
+    except Exception as err:  # a bug: still one line, the traceback with WORKBENCH_DEBUG=1
+        return cli_error(f"unexpected {type(err).__name__}: {err} (WORKBENCH_DEBUG=1 shows the traceback)", FAILURE)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out the parsed command; errors propagate to ``main``, which reports them."""
+    cmd = args.command
+    spec: Any = None
+    if cmd == "submit":  # the file first: a bad spec is reported without touching the database
+        spec = read_json(args.spec, "job spec", JobSpec.from_dict)
+        with settings_of("<stdin>" if args.spec == "-" else args.spec):
+            spec.validate()
+    elif cmd == "study":
+        from core.study import StudySpec
+
+        spec = read_json(args.spec, "study file", StudySpec.from_dict)
+    service = JobService(args.db)
+    if cmd == "submit":
+        name = "<stdin>" if args.spec == "-" else args.spec
+        with settings_of(name):
+            job_id = service.submit(spec, kind=args.kind, name=args.name, target_job_id=args.target)
+        print(f"queued {args.kind} job {job_id}", file=sys.stderr)
+        print(job_id)
+    elif cmd == "list":
+        jobs = service.list_jobs(status=args.status, limit=args.limit)
+        if args.json:
+            print(json.dumps(jobs, indent=2))
+        else:
+            _print_table(jobs)
+    elif cmd == "show":
+        job = service.get(args.id)
+        if args.json:
+            print(json.dumps(job, indent=2))
+        else:
+            _show(job)
+    elif cmd == "cancel":
+        status = service.cancel(args.id)
+        print(f"job {args.id}: {'cancel requested; it stops at its next step' if status == 'running' else status}")
+    elif cmd == "resume":
+        new_id = service.resume(args.id)
+        print(f"job {new_id} continues job {args.id} from {service.get(new_id)['resume_checkpoint']}",
+              file=sys.stderr)
+        print(new_id)
+    elif cmd == "logs":
+        text = service.logs(args.id, args.tail or None)
+        sys.stdout.write(text)
+        if args.follow:
+            path = service.log_path(args.id)
+            pos = path.stat().st_size if path.is_file() else 0
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one stops following
                 while True:
                     if path.is_file():
                         with open(path, encoding="utf-8", errors="replace") as f:
@@ -177,56 +241,48 @@ def main(argv: list[str] | None = None) -> int:
                     if service.get(args.id)["status"] not in ("queued", "running"):
                         break
                     time.sleep(0.5)
-        elif cmd == "delete":
-            service.delete(args.id, files=not args.keep_files)
-            print(f"job {args.id} deleted")
-        elif cmd == "export":
-            print(service.job_artifact(args.id, args.kind))
-        elif cmd == "evaluations":
-            rows = service.list_evaluations(job_id=args.job)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                for r in rows:
-                    who = f"job {r['job_id']}" if r["job_id"] is not None else f"base {r['base_model']}"
-                    print(f"{r['id']:>4}  {r['benchmark']:<20} {100 * r['accuracy']:6.2f}%  "
-                          f"({r['correct']}/{r['total']})  {who}")
-        elif cmd == "study":
-            from core.study import StudySpec
-
-            study = StudySpec.from_json(Path(args.spec).read_text())
-            plan = service.plan_study(study)
-            print(f"{plan['num_jobs']} training jobs, about {plan['estimated_s'] / 60:.0f} minutes of training "
-                  f"at {service.measured_tokens_per_s():.0f} tokens/s", file=sys.stderr)
+    elif cmd == "delete":
+        service.delete(args.id, files=not args.keep_files)
+        print(f"job {args.id} deleted")
+    elif cmd == "export":
+        print(service.build_artifact(args.id, args.kind))
+    elif cmd == "evaluations":
+        rows = service.list_evaluations(job_id=args.job)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                who = f"job {r['job_id']}" if r["job_id"] is not None else f"base {r['base_model']}"
+                print(f"{r['id']:>4}  {r['benchmark']:<20} {100 * r['accuracy']:6.2f}%  "
+                      f"({r['correct']}/{r['total']})  {who}")
+    elif cmd == "study":
+        with settings_of(args.spec):
+            plan = service.plan_study(spec)
+            print(f"{plan['num_jobs']} training jobs, about {plan['estimated_s'] / 60:.0f} minutes of "
+                  f"training at {service.measured_tokens_per_s():.0f} tokens/s", file=sys.stderr)
             if not args.plan:
-                print(service.submit_study(study))
-        elif cmd == "study-show":
-            study = service.get_study(args.id)
-            report = service.study_report(args.id)
-            if args.json:
-                print(json.dumps({**study, "analysis": report["analysis"]}, indent=2, default=str))
-            else:
-                print(f"study {study['id']} {study['name']}: {study['status']} "
-                      f"({', '.join(f'{n} {k}' for k, n in study['counts'].items())})")
-                print(report["markdown"] or "(no evaluations yet)")
-        elif cmd == "study-cancel":
-            print(f"{service.cancel_study(args.id)} jobs cancelled")
-        elif cmd == "study-resume":
-            print(" ".join(map(str, service.resume_study(args.id))) or "nothing to resume")
-        elif cmd == "compare":
-            matrix = service.comparison()
-            print(service.comparison_csv(matrix) if args.csv else service.comparison_markdown(matrix), end="")
-        elif cmd == "worker":
-            from .worker import main as worker_main
+                print(service.submit_study(spec))
+    elif cmd == "study-show":
+        study = service.get_study(args.id)
+        report = service.study_report(args.id)
+        if args.json:
+            print(json.dumps({**study, "analysis": report["analysis"]}, indent=2, default=str))
+        else:
+            print(f"study {study['id']} {study['name']}: {study['status']} "
+                  f"({', '.join(f'{n} {k}' for k, n in study['counts'].items())})")
+            print(report["markdown"] or "(no evaluations yet)")
+    elif cmd == "study-cancel":
+        print(f"{service.cancel_study(args.id)} jobs cancelled")
+    elif cmd == "study-resume":
+        print(" ".join(map(str, service.resume_study(args.id))) or "nothing to resume")
+    elif cmd == "compare":
+        matrix = service.comparison()
+        print(service.comparison_csv(matrix) if args.csv else service.comparison_markdown(matrix), end="")
+    elif cmd == "worker":
+        from .worker import main as worker_main
 
-            return worker_main(service, concurrency=args.concurrency, poll_s=args.poll, until_idle=args.until_idle)
-        return 0
-    except (JobError, KeyError, FileNotFoundError, ValueError, NotImplementedError) as err:
-        # ConfigError is a ValueError: "error: train.learning_rate: must be > 0 (got -0.001)"
-        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        return 0
+        return worker_main(service, concurrency=args.concurrency, poll_s=args.poll, until_idle=args.until_idle)
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ The database is SQLite by default (``$WORKBENCH_HOME/workbench.db``); any SQLAlc
 an argument or in ``$WORKBENCH_DB_URL``.
 
 SQLite is used in WAL mode (readers never block the writer) with a busy timeout (a writer waits for
-another instead of failing with "database is locked"). Transactions are explicit: a read session
-opens a deferred ``BEGIN``; a write session opens ``BEGIN IMMEDIATE``, taking the write lock up front
-(waiting under the busy timeout) so it can never fail half-way when it upgrades from reading to
-writing.
+another instead of failing with "database is locked"; ``$WORKBENCH_DB_TIMEOUT`` seconds, default 30).
+Transactions are explicit: a read session opens a deferred ``BEGIN``; a write session opens ``BEGIN
+IMMEDIATE``, taking the write lock up front (waiting under the busy timeout) so it can never fail
+half-way when it upgrades from reading to writing.
 
 Schema versions: ``schema_version`` holds one number. A new database is created from the models in
 ``jobs.schema`` (the head of the schema) and stamped with the latest version; an older one gets the
@@ -16,14 +16,16 @@ release that changes the schema edits the models *and* appends a migration, e.g.
 
     def _m2_add_study(conn):                       # MIGRATIONS.append((2, "studies", _m2_add_study))
         add_column(conn, "jobs", sa.Column("study_id", sa.Integer, nullable=True))
+
+Whatever keeps the database from being opened, read or written (a corrupt or read-only file, a folder
+where the file should be, a lock held past the timeout, a newer schema, a server that does not answer)
+raises ``DatabaseError``: one line naming the database as the user gave it and what to do about it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,40 +34,59 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.paths import DEFAULT_HOME, HOME_ENV, workbench_home  # torch-free: core loads its modules lazily
+
 from .schema import Base
 
 BUSY_TIMEOUT_S = 30.0
+TIMEOUT_ENV = "WORKBENCH_DB_TIMEOUT"
+URL_ENV = "WORKBENCH_DB_URL"
 DB_FILE = "workbench.db"
 
 
-class SchemaError(RuntimeError):
-    """The database was written by a newer release, or a migration failed."""
+class DatabaseError(RuntimeError):
+    """The database cannot be opened, read or written; the message is one line naming it and the remedy."""
 
 
-_paths_module = None
-
-
-def workbench_home() -> Path:
-    """``core.paths.workbench_home()``, read from core/paths.py without importing the ``core`` package
-    (whose ``__init__`` loads torch: two seconds that ``python -m jobs list`` does not need)."""
-    global _paths_module
-    if "core.paths" in sys.modules:
-        return sys.modules["core.paths"].workbench_home()
-    if _paths_module is None:
-        source = Path(__file__).resolve().parents[1] / "core" / "paths.py"
-        spec = importlib.util.spec_from_file_location("_workbench_core_paths", source)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _paths_module = module
-    return _paths_module.workbench_home()
+class SchemaError(DatabaseError):
+    """The database was written by a newer release, is not ours, or a migration failed."""
 
 
 def default_url() -> str:
     """``$WORKBENCH_DB_URL``, else a SQLite file in ``$WORKBENCH_HOME``."""
-    url = os.environ.get("WORKBENCH_DB_URL", "").strip()
+    url = os.environ.get(URL_ENV, "").strip()
     if url:
         return url
     return f"sqlite:///{workbench_home() / DB_FILE}"
+
+
+def busy_timeout() -> float:
+    """Seconds a writer waits for another's lock: ``$WORKBENCH_DB_TIMEOUT``, default ``BUSY_TIMEOUT_S``."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return BUSY_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 1e6:
+        raise DatabaseError(f"{TIMEOUT_ENV} must be a number of seconds >= 0, not {value!r}")
+    return seconds
+
+
+def database_name(url: str | None = None) -> str:
+    """How messages name the database: the SQLite file as the user wrote it, else the URL less its password."""
+    if not url and not os.environ.get(URL_ENV, "").strip():
+        return str(Path(os.environ.get(HOME_ENV) or DEFAULT_HOME) / DB_FILE)
+    url = url or os.environ.get(URL_ENV, "").strip()
+    try:
+        url_obj = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    if url_obj.get_backend_name() == "sqlite":
+        path = _sqlite_file(url_obj)
+        return str(path) if path is not None else url
+    return url_obj.render_as_string(hide_password=True)
 
 
 def _sqlite_file(url: sa.URL) -> Path | None:
@@ -84,21 +105,25 @@ def absolute_url(url: str) -> str:
     return url_obj.set(database=str(path.expanduser().resolve())).render_as_string(hide_password=False)
 
 
-def make_engine(url: str | None = None) -> Engine:
-    """An engine for ``url`` (default ``default_url()``); SQLite gets WAL, busy timeout, foreign keys."""
+def make_engine(url: str | None = None, busy_timeout_s: float | None = None) -> Engine:
+    """An engine for ``url`` (default ``default_url()``); SQLite gets WAL, busy timeout, foreign keys.
+
+    ``busy_timeout_s`` (default ``busy_timeout()``) is how long a writer waits for another's lock.
+    """
     url_obj = sa.make_url(url or default_url())
     if url_obj.get_backend_name() != "sqlite":
         return sa.create_engine(url_obj, pool_pre_ping=True)
+    timeout = busy_timeout() if busy_timeout_s is None else busy_timeout_s
     path = _sqlite_file(url_obj)
     if path is not None:
         path.expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url_obj, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
+    engine = sa.create_engine(url_obj, connect_args={"timeout": timeout, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # noqa: ANN001
         dbapi_conn.isolation_level = None  # the driver's implicit transactions off: we emit BEGIN ourselves
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        cur.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         if path is not None:
             cur.execute("PRAGMA journal_mode = WAL")
             cur.execute("PRAGMA synchronous = NORMAL")
@@ -113,22 +138,124 @@ def make_engine(url: str | None = None) -> Engine:
     return engine
 
 
-class Database:
-    """An engine plus its session factories; the schema is created or migrated on construction."""
+_LOCKED = ("database is locked", "database table is locked")
+_NOT_OURS = ("file is not a database", "encrypted or is not a database", "disk image is malformed")
 
-    def __init__(self, url: str | None = None):
-        self.url = absolute_url(url or default_url())
-        self.engine = make_engine(self.url)
-        self.is_sqlite = self.engine.dialect.name == "sqlite"
-        write_bind = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
-        self._read = sessionmaker(self.engine, expire_on_commit=False)
-        self._write = sessionmaker(write_bind, expire_on_commit=False)
-        migrate(self.engine)
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "orig", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _cannot_open(name: str, path: Path | None, reason: str) -> str:
+    """Why SQLite could not open (or create) the file at ``path``, told from what is on disk."""
+    other = f"or set {URL_ENV} to another database"
+    if path is None:
+        return f"cannot open {name} ({reason}); check the URL, {other}"
+    folder = Path(name).parent if str(Path(name).parent) != "." else "the current folder"
+    if path.is_dir():
+        return f"{name} is a folder, not a database file; move it away, {other}"
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"{name} is read-only; make it writable, {other}"
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            return f"{name} is in a read-only folder ({folder}; SQLite writes its journal beside it); " \
+                   f"make the folder writable, {other}"
+        return f"cannot open {name} ({reason}); check the file and its permissions, {other}"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"cannot create {name}: its folder {folder} is read-only; make it writable, {other}"
+    return f"cannot create {name} ({reason}); check the folder and its permissions, {other}"
+
+
+def explain(err: BaseException, name: str, path: Path | None = None,
+            timeout_s: float | None = None) -> DatabaseError | None:
+    """The one-line ``DatabaseError`` for an error met opening or using the database ``name``
+    (SQLite file ``path``, if it is one), or None for errors that are not about the database itself
+    (a constraint violation, a bug in a query): those propagate unchanged."""
+    other = f"or set {URL_ENV} to another database"
+    if isinstance(err, DatabaseError):
+        return err
+    if isinstance(err, sa.exc.NoSuchModuleError):
+        return DatabaseError(f"{name}: unknown kind of database ({_first_line(err)}); check the URL, {other}")
+    if isinstance(err, sa.exc.ArgumentError):
+        return DatabaseError(f"{name!r} is not a database URL; write sqlite:///path/to/{DB_FILE} or another "
+                             f"SQLAlchemy URL")
+    if isinstance(err, ImportError):
+        return DatabaseError(f"cannot use {name}: its database driver is not installed ({err.name or err})")
+    if isinstance(err, OSError):  # making the folder of a SQLite file
+        folder = Path(name).parent
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            return DatabaseError(f"cannot create {name}: {folder} is a file, not a folder; {other}")
+        return DatabaseError(f"cannot create {name}: its folder {folder} cannot be made "
+                             f"({(err.strerror or str(err)).lower()}); {other}")
+    if not isinstance(err, sa.exc.DBAPIError) or isinstance(err, (sa.exc.IntegrityError, sa.exc.ProgrammingError)):
+        return None
+    reason = _first_line(err)
+    low = reason.lower()
+    if any(s in low for s in _LOCKED):
+        waited = f" longer than the {timeout_s:g} s busy timeout" if timeout_s is not None else ""
+        return DatabaseError(f"{name} is locked: another process held it{waited}; try again when it is done "
+                             f"(${TIMEOUT_ENV} sets the wait in seconds)")
+    if "readonly" in low or "read-only" in low:
+        if path is not None and path.exists() and os.access(path, os.R_OK | os.W_OK):
+            return DatabaseError(_cannot_open(name, path, reason))  # the file is fine: its folder is not
+        return DatabaseError(f"{name} is read-only; make it and its folder writable, {other}")
+    if any(s in low for s in _NOT_OURS):
+        return DatabaseError(f"{name} is not a SQLite database (a corrupt or other kind of file); move it "
+                             f"aside to start a new one, {other}")
+    if "unable to open database file" in low or "disk i/o error" in low:
+        return DatabaseError(_cannot_open(name, path, reason))
+    if path is None and isinstance(err, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        return DatabaseError(f"cannot connect to {name} ({reason}); check the URL and that the server is up, {other}")
+    if isinstance(err, sa.exc.OperationalError):
+        return DatabaseError(f"{name}: {reason}")
+    return None
+
+
+class Database:
+    """An engine plus its session factories; the schema is created or migrated on construction.
+
+    ``busy_timeout_s`` (default ``$WORKBENCH_DB_TIMEOUT`` or 30) is how long a writer waits for another.
+    Opening and every session raise ``DatabaseError`` (one line, naming the database) for a corrupt,
+    read-only, locked, missing or newer database.
+    """
+
+    def __init__(self, url: str | None = None, busy_timeout_s: float | None = None):
+        self.name = database_name(url)
+        self.engine: Engine | None = None
+        self._path: Path | None = None
+        self.busy_timeout_s = busy_timeout_s
+        with self._errors(opening=True):
+            self.busy_timeout_s = busy_timeout() if busy_timeout_s is None else busy_timeout_s
+            self.url = absolute_url(url or default_url())
+            self._path = _sqlite_file(sa.make_url(self.url))
+            self.engine = make_engine(self.url, self.busy_timeout_s)
+            self.is_sqlite = self.engine.dialect.name == "sqlite"
+            write_bind = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
+            self._read = sessionmaker(self.engine, expire_on_commit=False)
+            self._write = sessionmaker(write_bind, expire_on_commit=False)
+            try:
+                migrate(self.engine, name=self.name)
+            except BaseException:
+                self.engine.dispose()
+                raise
+
+    @contextlib.contextmanager
+    def _errors(self, opening: bool = False) -> Iterator[None]:
+        """Driver errors about the database itself become one-line ``DatabaseError``s (when ``opening``,
+        also a bad URL, a missing driver, a folder that cannot be made)."""
+        try:
+            yield
+        except (sa.exc.SQLAlchemyError, ImportError, OSError) if opening else sa.exc.DBAPIError as err:
+            clear = explain(err, self.name, self._path, self.busy_timeout_s)
+            if clear is None or clear is err:
+                raise
+            raise clear from err
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
         """A session for reads (deferred transaction, closed at the end; nothing is committed)."""
-        with self._read() as session:
+        with self._errors(), self._read() as session:
             try:
                 yield session
             finally:
@@ -137,12 +264,13 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
         """A session holding the write lock from its first statement; commits on success."""
-        with self._write() as session:
+        with self._errors(), self._write() as session:
             with session.begin():
                 yield session
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,12 +316,14 @@ def schema_version(conn: Connection) -> int | None:
     return conn.execute(sa.select(sa.func.max(version_table.c.version))).scalar()
 
 
-def migrate(engine: Engine, migrations: list[Migration] | None = None) -> int:
+def migrate(engine: Engine, migrations: list[Migration] | None = None, name: str | None = None) -> int:
     """Create or upgrade the schema; return the version now in the database.
 
     Runs under the write lock on SQLite, so two processes starting on a new database at once create
-    it once.
+    it once. ``name`` is how ``SchemaError`` messages name the database (default: from the engine's URL).
     """
+    name = name or database_name(engine.url.render_as_string(hide_password=False))
+    other = f"or set {URL_ENV} to another database"
     migrations = migrations if migrations is not None else MIGRATIONS
     head = latest_version(migrations)
     options = {"sqlite_begin": "IMMEDIATE"} if engine.dialect.name == "sqlite" else {}
@@ -204,14 +334,15 @@ def migrate(engine: Engine, migrations: list[Migration] | None = None) -> int:
                 return head
             if current is None:
                 if sa.inspect(conn).has_table("jobs"):
-                    raise SchemaError("the database has job tables but no schema_version: not one of ours?")
+                    raise SchemaError(f"{name} has job tables but no schema version: not a workbench database; "
+                                      f"move it aside, {other}")
                 version_table.create(conn)
                 Base.metadata.create_all(conn)
                 conn.execute(version_table.insert().values(version=head))
                 return head
             if current > head:
-                raise SchemaError(f"the database is at schema version {current}, newer than this release "
-                                  f"understands ({head}); upgrade Adapter Workbench or use another database")
+                raise SchemaError(f"{name} is at schema version {current}, newer than this release understands "
+                                  f"({head}): it was written by a newer Adapter Workbench; upgrade, {other}")
         for version, description, fn in migrations:
             if version <= current:
                 continue
@@ -222,7 +353,8 @@ def migrate(engine: Engine, migrations: list[Migration] | None = None) -> int:
                 try:
                     fn(conn)
                 except Exception as err:
-                    raise SchemaError(f"migration {version} ({description}) failed: {err}") from err
+                    raise SchemaError(f"{name}: migration {version} ({description}) failed, the database stays "
+                                      f"at version {now}: {_first_line(err)}") from err
                 conn.execute(version_table.delete())
                 conn.execute(version_table.insert().values(version=version))
         return head
