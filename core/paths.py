@@ -6,14 +6,13 @@ the command lines report an error (``cli_error``). Standard library only: ``pyth
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import ConfigError
+from .config import ConfigError, parse_json
 
 DEBUG_ENV = "WORKBENCH_DEBUG"
 MAX_TEXT_BYTES = 64 * 2**20  # a spec or study file is kilobytes; this catches a model file given by mistake
@@ -109,10 +108,9 @@ def read_json(name: str, what: str = "JSON file", parse: Callable[[dict], Any] |
     text = read_text(name, what)
     name = "<stdin>" if name == "-" else name
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputFileError(f"{name} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") \
-            from None
+        data = parse_json(text)  # strict: no NaN, no stack-deep nesting, no endless digits
+    except ConfigError as err:
+        raise InputFileError(f"{name}: {err.message}") from None
     if not isinstance(data, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
         raise InputFileError(f"{name} holds {kind}, not a JSON object; expected a {what}")

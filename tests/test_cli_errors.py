@@ -86,7 +86,9 @@ def make_database(path: Path, queued_job: bool = False) -> None:
     ("missing.json", ..., ["missing.json: no such file"]),
     ("random.json", bytes(range(128, 256)) * 4, ["random.json is not a text file"]),
     ("nul.json", b'{"name": "a\x00b"}', ["nul.json is a binary file"]),
-    ("broken.json", '{"train": {"max_steps": 3,}}', ["broken.json is not valid JSON", "line 1"]),
+    ("broken.json", '{"train": {"max_steps": 3,}}', ["broken.json: not valid JSON", "line 1"]),
+    ("nan.json", '{"train": {"learning_rate": NaN}}', ["nan.json: not valid JSON: NaN"]),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, ["deep.json: not valid JSON: nested too deeply"]),
     ("empty.json", "", ["empty.json is empty"]),
     ("blank.json", " \n\t\n", ["blank.json is empty"]),
     ("list.json", "[1, 2]", ["list.json holds an array, not a JSON object"]),
@@ -112,7 +114,7 @@ def test_submit_rejects_an_unreadable_spec(env, tmp_path):
 
 
 def test_submit_from_stdin_names_stdin(env, tmp_path):
-    error_line(jobs(env, tmp_path, "submit", "-", stdin="not json"), 2, "<stdin> is not valid JSON")
+    error_line(jobs(env, tmp_path, "submit", "-", stdin="not json"), 2, "<stdin>: not valid JSON")
 
 
 def test_a_spec_with_a_byte_order_mark_is_accepted_and_job_state_errors_fail(env, tmp_path):
@@ -127,7 +129,7 @@ def test_a_spec_with_a_byte_order_mark_is_accepted_and_job_state_errors_fail(env
 
 
 @pytest.mark.parametrize("content,words", [
-    ("{nope", ["study.json is not valid JSON"]),
+    ("{nope", ["study.json: not valid JSON"]),
     ('{"grid": []}', ["study.json: grid: unknown study key"]),
     ('{"methods": ["nope"]}', ["study.json: methods: unknown method 'nope'"]),
     ('{"seeds": "one"}', ["study.json is not a valid study file"]),
@@ -355,7 +357,7 @@ def test_workbench_home_inside_a_file(env, tmp_path):
 
 @pytest.mark.parametrize("args,words", [
     (["train", "--config", "folder"], ["folder is a folder, not a job spec"]),
-    (["train", "--config", "broken.json"], ["broken.json is not valid JSON"]),
+    (["train", "--config", "broken.json"], ["broken.json: not valid JSON"]),
     (["train", "--config", "bad-lr.json"], ["bad-lr.json: train.learning_rate"]),
     (["train", "--config", "bad-lr.json", "--lr", "0"], ["error: train.learning_rate: must be > 0"]),
     (["train", "--out", "run"], ["--out run is not empty", "--resume", "--force"]),
