@@ -13,12 +13,13 @@ handler runs, with its own message); they are checked by ``validate()`` and show
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import gradio as gr
 
-from core.config import ConfigError, fields_of
+from core.config import ConfigError, fields_of, parse_json
 
 
 def _label(name: str) -> str:
@@ -76,8 +77,10 @@ def parse_value(meta: dict[str, Any], raw: Any, path: str) -> Any:
             raise ConfigError(path, "enter a number")
         try:
             number = float(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(path, f"must be a number (got {raw!r})") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(path, f"must be a number (got {str(raw)[:60]!r})") from None
+        if not math.isfinite(number):
+            raise ConfigError(path, f"must be a finite number (got {raw!r})")
         if kind == "int":
             if number != int(number):
                 raise ConfigError(path, f"must be a whole number (got {raw})")
@@ -88,24 +91,35 @@ def parse_value(meta: dict[str, Any], raw: Any, path: str) -> Any:
         if text in meta["choices"]:
             return text
         try:
-            return float(text)
+            number = float(text)
+            if not math.isfinite(number):
+                raise ValueError(text)
+            return number
         except ValueError:
             raise ConfigError(path, f"a number or one of {', '.join(meta['choices'])} (got {text!r})") from None
     if kind == "json":
-        text = (raw or "").strip()
-        if not text:
-            return type(meta["default"])()
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(path, f"not valid JSON ({err.msg})") from None
+        if isinstance(raw, (dict, list)):  # an API call may send the JSON value itself
+            value = raw
+        else:
+            text = raw.strip() if isinstance(raw, str) else ""
+            if raw is not None and not isinstance(raw, str):
+                raise ConfigError(path, f"expected JSON text (got {str(raw)[:60]!r})")
+            if not text:
+                return type(meta["default"])()
+            value = parse_json(text, path)
         if not isinstance(value, type(meta["default"])):
             raise ConfigError(path, f"expected a JSON {type(meta['default']).__name__}")
         return value
     if kind == "checkboxes":
+        if raw is not None and not isinstance(raw, (list, tuple)):
+            raise ConfigError(path, f"expected a list of choices (got {str(raw)[:60]!r})")
         return list(raw or [])
     if kind == "bool":
-        return bool(raw)
+        if raw is None:
+            return False
+        if not isinstance(raw, bool):
+            raise ConfigError(path, f"expected true or false (got {str(raw)[:60]!r})")
+        return raw
     return raw if raw is not None else ""
 
 

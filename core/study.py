@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import AdapterConfig, ConfigError, JobSpec, METHOD_SETTINGS
+from .config import METHOD_SETTINGS, AdapterConfig, ConfigError, JobSpec, parse_json
 
 # Where each method can sit, in the paper's terms. LoRA placements are sets of target roles.
 PLACEMENTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -57,6 +57,8 @@ class StudySpec:
             raise ConfigError("seeds", "give at least one seed")
         if not self.base.eval.benchmarks:
             raise ConfigError("eval.benchmarks", "a study compares accuracies: name at least one benchmark")
+        if self.size() > MAX_CELLS:
+            raise ConfigError("values", f"the grid has {self.size():,} cells; a study has at most {MAX_CELLS:,}")
         for cell in expand(self):
             cell.spec.validate()
         return self
@@ -65,23 +67,85 @@ class StudySpec:
         return {"name": self.name, "base": self.base.to_dict(), "methods": self.methods,
                 "placements": self.placements, "values": self.values, "seeds": self.seeds}
 
+    def size(self) -> int:
+        """How many cells ``expand`` makes (computed without making them)."""
+        total = 0
+        for method in self.methods:
+            places = len(self.placements.get(method) or [None])
+            total += places * len(self.values.get(method) or [None]) * len(self.seeds)
+        return total
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StudySpec":
+        """A study from JSON data, every part type-checked (``ConfigError`` naming it); the values
+        themselves are checked by ``validate`` through the cells' job specs."""
+        if not isinstance(data, dict):
+            raise ConfigError("study", "a study is a JSON object")
         unknown = sorted(set(data) - {"name", "base", "methods", "placements", "values", "seeds"})
         if unknown:
             raise ConfigError(unknown[0], "unknown study key; expected name, base, methods, placements, values, seeds")
-        return cls(name=str(data.get("name", "study")), base=JobSpec.from_dict(data.get("base", {})),
-                   methods=list(data.get("methods", ["lora", "series", "parallel"])),
-                   placements={k: list(v) for k, v in dict(data.get("placements", {})).items()},
-                   values={k: list(v) for k, v in dict(data.get("values", {})).items()},
-                   seeds=[int(s) for s in data.get("seeds", [42])])
+        name = data.get("name", "study")
+        if not isinstance(name, str) or len(name) > 200:
+            raise ConfigError("name", "a study name is text of at most 200 characters")
+        try:
+            base = JobSpec.from_dict(data.get("base", {}))
+        except ConfigError as err:
+            raise err.within("base") from None
+        return cls(name=name, base=base,
+                   methods=_texts(data.get("methods", ["lora", "series", "parallel"]), "methods"),
+                   placements=_lists_by_method(data.get("placements", {}), "placements", _texts),
+                   values=_lists_by_method(data.get("values", {}), "values", _numbers),
+                   seeds=_seeds(data.get("seeds", [42])))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "StudySpec":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str | bytes) -> "StudySpec":
+        return cls.from_dict(parse_json(text, "study"))
+
+
+MAX_AXIS = 100  # entries of one axis (methods, placements, values, seeds) of a study
+MAX_CELLS = 10_000  # cells of one study, whatever the deployment allows (its own limit is lower)
+
+
+def _texts(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) or len(value) > MAX_AXIS:
+        raise ConfigError(field, f"expected a list of at most {MAX_AXIS} names (got {str(value)[:60]!r})")
+    if len(set(value)) != len(value):
+        raise ConfigError(field, "names a value twice")
+    return list(value)
+
+
+def _numbers(value: Any, field: str) -> list[float | int]:
+    ok = isinstance(value, list) and len(value) <= MAX_AXIS and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok:
+        raise ConfigError(field, f"expected a list of at most {MAX_AXIS} numbers (got {str(value)[:60]!r})")
+    if len(set(value)) != len(value):
+        raise ConfigError(field, "names a value twice")
+    return list(value)
+
+
+def _lists_by_method(value: Any, field: str, items: Any) -> dict[str, list[Any]]:
+    if not isinstance(value, dict):
+        raise ConfigError(field, f"expected an object from method to a list (got {str(value)[:60]!r})")
+    out = {}
+    for method, entries in value.items():
+        if method not in METHOD_SETTINGS:
+            raise ConfigError(field, f"unknown method {str(method)[:40]!r}; known: {', '.join(METHOD_SETTINGS)}")
+        out[method] = items(entries, f"{field}.{method}")
+    return out
+
+
+def _seeds(value: Any) -> list[int]:
+    ok = isinstance(value, list) and len(value) <= MAX_AXIS and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**63 - 1 for v in value)
+    if not ok:
+        raise ConfigError("seeds", f"expected a list of at most {MAX_AXIS} whole numbers >= 0 (got {str(value)[:60]!r})")
+    if len(set(value)) != len(value):
+        raise ConfigError("seeds", "names a seed twice")
+    return list(value)
 
 
 @dataclass

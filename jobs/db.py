@@ -293,10 +293,23 @@ def _m2_studies(conn: Connection) -> None:
     Study.__table__.create(conn, checkfirst=True)
 
 
+def _m3_owners(conn: Connection) -> None:
+    """Version 3: an owner on jobs, evaluations and studies (existing rows belong to ``local``), and the
+    uploads table."""
+    from .schema import LOCAL_OWNER, Upload
+
+    for table in ("jobs", "evaluations", "studies"):
+        if "owner" not in {c["name"] for c in sa.inspect(conn).get_columns(table)}:  # v2 made studies from the models
+            add_column(conn, table, sa.Column("owner", sa.String(200), nullable=False, server_default=LOCAL_OWNER))
+        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_{table}_owner ON {table} (owner)")
+    Upload.__table__.create(conn, checkfirst=True)
+
+
 # (version, description, function taking a Connection inside a transaction), in order.
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: jobs, metric_points, evaluations, eval_samples", _m1_initial),
     (2, "studies", _m2_studies),
+    (3, "owners and uploads", _m3_owners),
 ]
 
 

@@ -24,13 +24,13 @@ class StudiesAPI:
         from core.study import StudySpec, estimate_seconds, expand
 
         study = study if isinstance(study, StudySpec) else StudySpec.from_dict(study)
-        study.validate()
-        cells = expand(study)
-        if not self.actor.admin and len(cells) > self.limits.study_jobs:
+        if not self.actor.admin and study.size() > self.limits.study_jobs:  # before making any cell
             from .service import QuotaError
 
-            raise QuotaError(f"the study has {len(cells):,} jobs; this workbench launches at most "
+            raise QuotaError(f"the study has {study.size():,} jobs; this workbench launches at most "
                              f"{self.limits.study_jobs:,} per study: vary fewer values or seeds")
+        study.validate()
+        cells = expand(study)
         for cell in cells:
             self.check_spec(cell.spec, "train")
         t = study.base.train
