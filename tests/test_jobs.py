@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from core.config import ConfigError
 from core.train import latest_checkpoint
 from jobs import JobService, Worker, start_worker_thread
+from jobs.service import CHECK_ROWS
 from tests.test_jobs_support import (cli, make_service, start_worker_process, tiny_spec, kill_worker_mid_job, wait_final,
                                      wait_for, write_data)
 
@@ -118,16 +120,20 @@ def test_queued_job_cancels_at_once(service, tiny_model_dir, data):
 def test_crash_and_kill_are_failures_with_their_reason(service, tiny_model_dir, tmp_path, monkeypatch):
     """A child that raises, one whose data is bad, one killed by SIGKILL: failed, with what was written kept."""
     monkeypatch.setenv("WORKBENCH_TEST_FAIL_AT_STEP", "3")
-    bad = write_data(tmp_path / "bad.json", [{"instruction": "x", "output": "y"}] * 5 + [{"instruction": "x", "output": 3}])
+    early = write_data(tmp_path / "early.json", [{"instruction": "x", "output": "y"}] * 5 + [{"instruction": "x", "output": 3}])
+    with pytest.raises(ConfigError, match="row 6"):  # the first rows are read at submit
+        service.submit(tiny_spec(tiny_model_dir, early))
+    late = [{"instruction": "x", "output": "y"}] * (CHECK_ROWS + 9) + [{"instruction": "x", "output": 3}]
+    bad = write_data(tmp_path / "bad.json", late)
     bad_id = service.submit(tiny_spec(tiny_model_dir, bad))
     raise_id = service.submit(tiny_spec(tiny_model_dir, write_data(tmp_path / "ok.json")))
     run_until_idle(service, concurrency=2)
 
     job = service.get(bad_id)
-    assert job["status"] == "failed" and "row 6" in job["error"] and "Traceback" in job["traceback"]
+    assert job["status"] == "failed" and f"row {len(late)}" in job["error"] and "Traceback" in job["traceback"]
     assert service.metrics(bad_id) == []
     shown = cli(service, "show", str(bad_id)).stdout
-    assert "failed" in shown and "row 6" in shown
+    assert "failed" in shown and f"row {len(late)}" in shown
 
     job = service.get(raise_id)
     assert job["status"] == "failed" and "injected failure at step 3" in job["error"]
