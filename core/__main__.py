@@ -170,8 +170,10 @@ def run(args: argparse.Namespace, bar: ProgressBar) -> int:
         out = Path(args.out).expanduser() if args.out else runs_dir() / f"cli-{time.strftime('%Y%m%d-%H%M%S')}"
         check_out_dir(out, args.out or str(out), args.resume, args.force)
         out.mkdir(parents=True, exist_ok=True)
+        from .sources import allow_remote_code_here
         from .train import train  # torch: only once the arguments are known to be good
 
+        allow_remote_code_here()  # a foreground run is a job: a model's own code may run if the server and spec ask
         result = train(spec, out, bar, resume_from=args.resume)
         loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
         bar.end_line()
