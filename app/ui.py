@@ -1,18 +1,28 @@
 """The page: five tabs (Train, Jobs, Chat, Compare, Study) wired to one ``JobService``.
 
-``build_demo(service)`` draws the tabs and the few links between them (Launch jumps to the job;
-Clone fills the Train tab); ``launch_options()`` gives what ``demo.launch`` needs (theme, CSS, upload
-limit, the optional login from ``WORKBENCH_USER`` / ``WORKBENCH_PASSWORD``).
+``build_demo(service, deployment)`` draws the header (the mode and who you are) and the tabs and the
+few links between them (Launch jumps to the job; Clone fills the Train tab). The tabs never see the
+service itself: they hold an ``app.auth.ScopedService``, and every event function is wrapped by
+``app.auth.protect`` so that each call runs as the caller it resolved on the server.
+``launch_options(deployment, logins)`` gives what ``demo.launch`` needs; ``serve`` launches a page with
+the middlewares of its mode (visitor cookie, login rate limit) and ``start_app`` does it all on a free
+port for tests.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import socket
+from typing import Any, Callable
 
 import gradio as gr
 
+from core.deployment import LOCAL_USER, Deployment
+from core.deployment import current as current_deployment
+
 from . import chat_tab, compare_tab, jobs_tab, study_tab, train_tab
+from .auth import (BUILD_ACTOR, LOGIN_FAILURES, LOGIN_WINDOW_S, Identify, LoginRateLimiter, Logins, ScopedService,
+                   acting_as, current_actor, identity_line, load_logins, middleware_for, protect)
 from .common import CSS, error_text, warn
 
 TRAIN, JOBS, CHAT, COMPARE, STUDY = "train", "jobs", "chat", "compare", "study"
@@ -49,30 +59,110 @@ def initial_job(service: Any, current: Any) -> dict:
     return gr.update(choices=choices, value=value)
 
 
-def auth_from_env() -> list[tuple[str, str]] | None:
-    """The login from ``WORKBENCH_USER`` / ``WORKBENCH_PASSWORD`` (both set), else None (no login)."""
-    user, password = os.environ.get("WORKBENCH_USER"), os.environ.get("WORKBENCH_PASSWORD")
-    if user and password:
-        return [(user, password)]
-    return None
+_FROM_ENV: Any = object()
 
 
-def launch_options() -> dict[str, Any]:
-    """Keyword arguments for ``demo.launch``."""
+def launch_options(deployment: Deployment | None = None, logins: Logins | None = _FROM_ENV) -> dict[str, Any]:
+    """Keyword arguments for ``demo.launch`` in ``deployment``'s mode (default: this process's).
+
+    ``logins`` (default: from the environment, ``app.auth.load_logins``) turn on the login page. Local
+    mode listens on 127.0.0.1, team and public on 0.0.0.0 (``GRADIO_SERVER_NAME`` overrides both);
+    outside local mode Gradio's monitoring page and server-side rendering are off (the middlewares
+    must see the browser's own requests).
+    """
+    deployment = deployment or current_deployment()
+    if logins is _FROM_ENV:
+        logins = load_logins()
     opts: dict[str, Any] = {"theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="amber"), "css": CSS,
-                            "max_file_size": MAX_UPLOAD, "footer_links": []}
-    auth = auth_from_env()
-    if auth:
-        opts["auth"] = auth
-        opts["auth_message"] = "Adapter Workbench: sign in with the user and password set for this workbench."
+                            "max_file_size": int(deployment.limits.upload_file_bytes) or MAX_UPLOAD,
+                            "footer_links": [],
+                            "server_name": os.environ.get("GRADIO_SERVER_NAME")
+                            or ("127.0.0.1" if deployment.local else "0.0.0.0")}
+    if not deployment.local:
+        opts["enable_monitoring"] = False
+        opts["ssr_mode"] = False
+    if logins is not None:
+        opts["auth"] = logins.auth()
+        opts["auth_message"] = (("Adapter Workbench: sign in with your user name and password."
+                                 if deployment.mode == "team" else
+                                 "Adapter Workbench: sign in with the user and password set for this workbench.")
+                                + f" After {LOGIN_FAILURES} failed attempts, sign-ins from your address pause for "
+                                  f"{LOGIN_WINDOW_S / 60:g} minutes.")
     return opts
 
 
-def build_demo(service: Any) -> gr.Blocks:
-    with gr.Blocks(title=TITLE) as demo:
+def serve(demo: gr.Blocks, deployment: Deployment | None = None, logins: Logins | None = _FROM_ENV, *,
+          host: str | None = None, port: int | None = None, block: bool = False, quiet: bool = False,
+          limiter: LoginRateLimiter | None = None) -> str:
+    """Launch ``demo`` with its mode's middlewares (visitor cookie, login rate limit); return its URL.
+
+    Every event function is protected again first (``app.auth.protect``), so handlers registered after
+    ``build_demo`` resolve their caller too. ``block``: serve until interrupted (``app.py``);
+    otherwise the server runs in a thread until ``demo.close()``.
+    """
+    deployment = deployment or getattr(demo, "_workbench_identity", (None,))[0] or current_deployment()
+    if logins is _FROM_ENV:
+        logins = load_logins()
+    if getattr(demo, "_workbench_identity", None):
+        protect(demo)
+    else:
+        protect(demo, deployment)
+    opts = launch_options(deployment, logins)
+    if host is not None:
+        opts["server_name"] = host
+    if port is not None:
+        opts["server_port"] = port
+    opts["app_kwargs"] = {"middleware": middleware_for(deployment, logins, limiter)}
+    _, url, _ = demo.launch(prevent_thread_lock=not block, quiet=quiet, **opts)
+    return url
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(service: Any, deployment: Deployment | None = None, identify: Identify | None = None,
+              logins: Logins | None = None, *, limiter: LoginRateLimiter | None = None
+              ) -> tuple[str, Callable[[], None]]:
+    """Build the whole page on ``service`` and serve it on 127.0.0.1 on a free port, in this process.
+
+    Returns ``(url, close)``. For tests: ``identify`` injects identities (``app.auth.default_identify``
+    by default), ``logins`` turns on the login page (none by default: the environment is not read).
+    """
+    demo = build_demo(service, deployment, identify)
+    url = serve(demo, None, logins, host="127.0.0.1", port=free_port(), quiet=True,
+                limiter=limiter)
+    return url, demo.close
+
+
+def build_demo(service: Any, deployment: Deployment | None = None, identify: Identify | None = None) -> gr.Blocks:
+    """The page on ``service`` in ``deployment``'s mode (default: the service's, else this process's).
+
+    ``identify(request, deployment) -> Actor`` resolves the caller of every event (default
+    ``app.auth.default_identify``; tests inject identities here, e.g. an OAuth-like ``hf:bob``).
+    """
+    if isinstance(service, ScopedService):
+        deployment = deployment or service.deployment
+        service = service._base
+    own = getattr(service, "deployment", None)
+    deployment = deployment or own or current_deployment()
+    if own is not None and own != deployment:
+        raise ValueError(f"the service runs in {own.mode} mode with other rules than the page ({deployment.mode})")
+    service = ScopedService(service, deployment)
+    # While the page is built there is no caller: in local mode it is the local user, elsewhere an actor
+    # that owns nothing, so no one's jobs end up in the page every visitor receives.
+    with acting_as(LOCAL_USER if deployment.local else BUILD_ACTOR), \
+            gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## {TITLE} <small style='color:#64748b;font-weight:400'>— parameter-efficient "
                     "fine-tuning of language models (LoRA, series and parallel adapters, prefix and prompt "
                     "tuning), after LLM-Adapters</small>")
+        with gr.Row(equal_height=True):
+            who = gr.Markdown(identity_line(deployment, None), elem_id="workbench-identity",
+                              elem_classes=["muted"])
+            if deployment.oauth:  # off a Space, Gradio would sign every visitor in as this machine's account
+                gr.LoginButton(size="sm", scale=0)
         with gr.Tabs() as tabs:
             with gr.Tab("Train", id=TRAIN) as train_item:
                 train = train_tab.build_train_tab(service)
@@ -133,7 +223,15 @@ def build_demo(service: Any) -> gr.Blocks:
             study_results, [study.study, study.benchmark], study.result_outputs)
         demo.load(compare_models, compare.models, compare.models).then(
             compare_results, compare_inputs, compare.result_outputs)
+        demo.load(lambda: whoami(deployment), None, who, show_progress="hidden")
     demo.queue(default_concurrency_limit=4)
     demo.workbench = {"train": train, "jobs": jobs, "chat": chat, "compare": compare, "study": study,
-                      "tabs": tabs}
+                      "tabs": tabs, "who": who}
+    protect(demo, deployment, identify)
     return demo
+
+
+def whoami(deployment: Deployment) -> str:
+    """The header line for the caller (a sign-out link in team mode)."""
+    line = identity_line(deployment, current_actor(deployment))
+    return f"{line} · [sign out](logout)" if deployment.mode == "team" else line
