@@ -307,7 +307,7 @@ class JobService(ComparisonAPI, StudiesAPI):
         """Every benchmark named exists (a registry name or a data file the sources rules allow), and the
         deployment's example limit holds."""
         from core.config import ConfigError
-        from core.evaluate import benchmark_info
+        from core.benchmarks import benchmark_info
 
         for i, name in enumerate(spec.eval.benchmarks):
             if benchmark_info(name) is not None:

@@ -344,16 +344,6 @@ def test_compare_run_evaluations_validates_first(service, form, tiny_model_dir):
     assert len(queued) == 2 and {j["target_job_id"] for j in queued} == {job_id, None}
 
 
-def test_login_only_with_both_variables(monkeypatch):
-    monkeypatch.delenv("WORKBENCH_USER", raising=False)
-    monkeypatch.delenv("WORKBENCH_PASSWORD", raising=False)
-    assert "auth" not in ui.launch_options()
-    monkeypatch.setenv("WORKBENCH_USER", "ada")
-    assert ui.auth_from_env() is None
-    monkeypatch.setenv("WORKBENCH_PASSWORD", "secret")
-    assert ui.launch_options()["auth"] == [("ada", "secret")]
-
-
 def test_form_value_parsing():
     meta = {m["name"]: m for m in fields_of(TrainSettings)}
     assert kind_of(meta["learning_rate"]) == "float" and parse_value(meta["learning_rate"], "0.001", "x") == 0.001
