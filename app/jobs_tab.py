@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,17 +274,30 @@ def artifact(service: Any, job_id: Any, kind: str) -> tuple[dict, Any]:
     return error_update(None), str(servable(Path(path)))
 
 
+DOWNLOAD_TTL_S = 3600.0
+
+
 def servable(path: Path) -> Path:
     """``path``, or a link/copy of it in the temp directory when Gradio may not hand it out as is.
 
     Gradio gives a browser only files under the working directory or the temp directory; we do not
-    add WORKBENCH_HOME to its allowed paths, which would expose the database and uploads too.
+    add WORKBENCH_HOME to its allowed paths, which would expose the database and uploads too. The
+    copies live in ``<tmp>/workbench-downloads/`` and are removed an hour later (at the next download).
     """
     path = path.resolve()
     roots = [Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve()]
     if any(path.is_relative_to(r) for r in roots):
         return path
-    target = Path(tempfile.mkdtemp(prefix="workbench-download-")) / path.name
+    downloads = Path(tempfile.gettempdir()) / "workbench-downloads"
+    downloads.mkdir(exist_ok=True)
+    now = time.time()
+    for old in downloads.iterdir():
+        try:
+            if now - old.stat().st_mtime > DOWNLOAD_TTL_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # removed by another request meanwhile
+            pass
+    target = Path(tempfile.mkdtemp(dir=downloads)) / path.name
     try:
         os.link(path, target)
     except OSError:  # another filesystem

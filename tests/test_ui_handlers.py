@@ -7,6 +7,7 @@ checked, including that invalid settings submit nothing.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -365,8 +366,12 @@ def test_downloads_outside_the_served_folders_are_linked_into_temp(tmp_path, mon
     monkeypatch.setattr(jobs_tab.tempfile, "gettempdir", lambda: str(served))
     zipped = home / "job1-adapter.zip"
     zipped.write_bytes(b"PK")
+    stale = served / "workbench-downloads" / "old"
+    stale.mkdir(parents=True)
+    os.utime(stale, (0, 0))
     out = jobs_tab.servable(zipped)
     assert out.is_relative_to(served) and out.name == zipped.name and out.read_bytes() == b"PK"
+    assert not stale.exists()  # an hour-old copy is cleaned up by the next download
     inside = cwd / "x.zip"
     inside.write_bytes(b"PK")
     assert jobs_tab.servable(inside) == inside.resolve()
