@@ -16,12 +16,12 @@ from typing import Any, Iterator
 import gradio as gr
 
 from core.config import DEFAULT_MODEL, ModelSettings
+from jobs.compare import BASE_KEY, JOB_KEY, base_key, job_key, parse_model_key
 
 from .common import error_text, warn
 
 MAX_SIDE_BY_SIDE = 4
 MAX_QUESTION_CHARS = 4000
-BASE_PREFIX, JOB_PREFIX = "base:", "job:"
 SAMPLES_FILE = Path(__file__).resolve().parents[1] / "assets" / "math_eval.json"
 ADAPTER_STATUSES = ("succeeded", "cancelled", "interrupted", "failed")
 
@@ -45,12 +45,11 @@ def model_options(service: Any) -> list[tuple[str, str]]:
         name = ((j.get("spec") or {}).get("model") or {}).get("name")
         if name and name not in bases:
             bases.append(name)
-    options = [(f"base model: {Path(b).name if '/' in b and Path(b).exists() else b}", BASE_PREFIX + b)
-               for b in bases]
+    options = [(f"base model: {Path(b).name if '/' in b and Path(b).exists() else b}", base_key(b)) for b in bases]
     for j in with_adapter:
         method = ((j.get("spec") or {}).get("adapter") or {}).get("method", "")
         note = "" if j["status"] == "succeeded" else f", {j['status']}"
-        options.append((f"#{j['id']} {j.get('name') or ''} ({method}{note})", f"{JOB_PREFIX}{j['id']}"))
+        options.append((f"#{j['id']} {j.get('name') or ''} ({method}{note})", job_key(j["id"])))
     return options
 
 
@@ -72,29 +71,27 @@ def load_chat_model(service: Any, value: str, template: str | None = None) -> An
 
     if not isinstance(value, str):
         raise ValueError("pick a model from the list")
-    if value.startswith(JOB_PREFIX):
-        job_id = value[len(JOB_PREFIX):]
-        adapter = service.files(job_id)["adapter"]  # the service checks the caller may see the job
+    kind, ref = parse_model_key(value)
+    if kind == "job":
+        adapter = service.files(ref)["adapter"]  # the service checks the caller may see the job
         if not adapter:
-            raise ValueError(f"job {job_id} has no saved adapter yet")
-        job = service.get(job_id)
-        return adapter_chat_model(adapter, name=f"#{job_id} {job.get('name') or ''}")
-    if value.startswith(BASE_PREFIX):
-        name = service.resolve_model(value[len(BASE_PREFIX):])  # the deployment's allowlist and data roots
-        chat = base_chat_model(ModelSettings(name=name), template=template or "alpaca")
-        if template is None and getattr(chat.tokenizer, "chat_template", None):
-            chat.template = "chat"
-        return chat
-    raise ValueError(f"unknown model choice {value[:60]!r}")
+            raise ValueError(f"job {ref} has no saved adapter yet")
+        job = service.get(ref)
+        return adapter_chat_model(adapter, name=f"#{ref} {job.get('name') or ''}")
+    name = service.resolve_model(ref)  # the deployment's allowlist and data roots
+    chat = base_chat_model(ModelSettings(name=name), template=template or "alpaca")
+    if template is None and getattr(chat.tokenizer, "chat_template", None):
+        chat.template = "chat"
+    return chat
 
 
 def _adapter_template(service: Any, values: list[str]) -> str | None:
     """The prompt template of the first adapter in the comparison (base models then get the same prompt)."""
     for v in values:
-        if v.startswith(JOB_PREFIX):
+        if v.startswith(JOB_KEY):
             try:
-                spec = service.get(v[len(JOB_PREFIX):]).get("spec") or {}
-            except (KeyError, ValueError):  # a deleted job: its column says so when it is asked
+                spec = service.get(parse_model_key(v)[1]).get("spec") or {}
+            except (KeyError, ValueError):  # a deleted job or a bad key: its column says so when it is asked
                 continue
             return (spec.get("data") or {}).get("template", "alpaca")
     return None
@@ -157,7 +154,7 @@ def _answer_all(service: Any, question: str, models: list[str], histories: list[
         try:
             histories[i][-1] = {"role": "assistant", "content": "_loading the model…_"}
             yield histories
-            chat = load_chat_model(service, value, template if value.startswith(BASE_PREFIX) else None)
+            chat = load_chat_model(service, value, template if value.startswith(BASE_KEY) else None)
             answer = ""
             for answer in stream_answer(chat, question, settings):
                 histories[i][-1] = {"role": "assistant", "content": answer or "…"}

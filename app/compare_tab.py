@@ -13,8 +13,10 @@ from typing import Any
 
 import gradio as gr
 
+from jobs.compare import parse_model_key
+
 from .charts import accuracy_bars, accuracy_scatter
-from .chat_tab import BASE_PREFIX, JOB_PREFIX, model_options
+from .chat_tab import model_options
 from .common import download_file, error_text, error_update, guarded, warn
 from .train_tab import benchmark_choices
 
@@ -74,12 +76,9 @@ def run_evaluations(service: Any, models: list[str] | None, benchmarks: list[str
     queued, errors = [], []
     for m in models:
         try:
-            if m.startswith(JOB_PREFIX):
-                queued.append(service.submit_evaluation(benchmarks, job_id=m[len(JOB_PREFIX):],
-                                                        settings=settings.to_dict()))
-            else:
-                queued.append(service.submit_evaluation(benchmarks, model=m[len(BASE_PREFIX):],
-                                                        settings=settings.to_dict()))
+            kind, ref = parse_model_key(m)
+            which = {"job_id": ref} if kind == "job" else {"model": ref}
+            queued.append(service.submit_evaluation(benchmarks, settings=settings.to_dict(), **which))
         except Exception as err:
             errors.append(error_text(err))
     if queued:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/eval_throughput.py [--n 64] [--benchmark AddSub]
 
 Reference = LLM-Adapters' evaluate.py: one example at a time, beam search with 4 beams, up to 256 new
-tokens, fp32. Ours = ``core.evaluate.evaluate``: batched greedy generation with a KV cache, bf16
+tokens, fp32. Ours = ``core.evaluate``: batched greedy generation with a KV cache, bf16
 where the CPU supports it, rows sorted by length and stopped at their answer. Same model, same
 problems, same answer extraction, in one run. Last line: ``eval_speedup_vs_reference: <x>``.
 """
@@ -26,8 +26,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from core import EvalSettings, ModelSettings
-    from core.evaluate import evaluate, is_correct, load_benchmark, reference_generate
-    from core.models import load_model, resolve_device, resolve_dtype
+    from core.benchmarks import is_correct, load_benchmark
+    from core.decoding import reference_generate
+    from core.devices import resolve_device, resolve_dtype
+    from core.evaluate import evaluate
+    from core.models import load_model
     from core.templates import render_prompt
 
     bench = load_benchmark(args.benchmark)

@@ -37,7 +37,8 @@ def main() -> None:
 
     import core
     from core import EvalSettings, JobSpec
-    from core.evaluate import evaluate, load_benchmark
+    from core.benchmarks import load_benchmark
+    from core.evaluate import evaluate
     from core.models import get_model
     from core.train import TrainCallbacks, train
 

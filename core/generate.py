@@ -22,6 +22,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .config import JobSpec, ModelSettings
+from .decoding import model_device
 from .deployment import Deployment, current
 from .inject import load_adapter, read_adapter_config
 from .models import get_model
@@ -115,7 +116,7 @@ def stream_answer(chat: ChatModel, question: str, settings: GenerationSettings |
     tok = chat.tokenizer
     prompt = render_prompt(question, "", chat.template, tok)
     inputs = tok(prompt, return_tensors="pt")
-    device = next(chat.model.parameters()).device
+    device = model_device(chat.model)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     sample = settings.temperature > 0

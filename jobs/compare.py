@@ -1,6 +1,8 @@
 """Comparison of models on benchmarks: the matrix, its CSV/Markdown export, and where models disagree.
 
-Part of the service API (``JobService`` inherits these methods); reads only the database.
+Part of the service API (``JobService`` inherits these methods); reads only the database. Also the
+one definition of a *model key*, how the UI, the CLI and the matrix name a model: ``job:<id>`` for a
+training job's adapter, ``base:<name>`` for a bare base model.
 """
 
 from __future__ import annotations
@@ -13,11 +15,31 @@ from typing import Any
 JOB_KEY, BASE_KEY = "job:", "base:"
 
 
+def job_key(job_id: int | str) -> str:
+    """The key of training job ``job_id``'s adapter: ``job:<id>``."""
+    return f"{JOB_KEY}{job_id}"
+
+
+def base_key(name: str) -> str:
+    """The key of the bare base model ``name``: ``base:<name>``."""
+    return f"{BASE_KEY}{name}"
+
+
 def model_key(evaluation: dict[str, Any]) -> str:
-    """``job:<id>`` for an adapter's evaluation, ``base:<model>`` for a bare base model's."""
+    """The key of the model an evaluation scored: its adapter's job, else its base model."""
     if evaluation.get("job_id") is not None:
-        return f"{JOB_KEY}{evaluation['job_id']}"
-    return f"{BASE_KEY}{evaluation['base_model']}"
+        return job_key(evaluation["job_id"])
+    return base_key(evaluation["base_model"])
+
+
+def parse_model_key(key: Any) -> tuple[str, int | str]:
+    """``("job", id)`` for ``job:<id>``, ``("base", name)`` for ``base:<name>``; ``ValueError`` otherwise."""
+    kind, _, ref = (key if isinstance(key, str) else "").partition(":")
+    if kind == "job" and ref.isascii() and ref.isdigit():
+        return "job", int(ref)
+    if kind == "base" and ref.strip():
+        return "base", ref
+    raise ValueError(f"unknown model {str(key)[:60]!r}: expected {JOB_KEY}<job id> or {BASE_KEY}<model name>")
 
 
 class ComparisonAPI:
@@ -36,8 +58,7 @@ class ComparisonAPI:
                 continue
             latest[(key, ev["benchmark"])] = ev
         # base models first, then jobs by id (unless the caller chose an order)
-        keys = list(dict.fromkeys(models or sorted({k for k, _ in latest},
-                                                    key=lambda k: (k.startswith(JOB_KEY), _job_number(k), k))))
+        keys = list(dict.fromkeys(models or sorted({k for k, _ in latest}, key=_base_first)))
         names = list(dict.fromkeys(benchmarks or sorted({b for _, b in latest})))
         rows = []
         for key in keys:
@@ -49,14 +70,14 @@ class ComparisonAPI:
         return {"benchmarks": names, "rows": rows}
 
     def _model_facts(self, key: str) -> dict[str, Any]:
-        if key.startswith(JOB_KEY):
-            job = self.get(int(key[len(JOB_KEY):]))
+        kind, ref = parse_model_key(key)
+        if kind == "job":
+            job = self.get(ref)
             info, result = job.get("info") or {}, job.get("result") or {}
             return {"key": key, "label": f"#{job['id']} {job['name']}", "method": job["spec"]["adapter"]["method"],
                     "trainable_params": info.get("trainable") or result.get("trainable_params"),
                     "train_time_s": result.get("elapsed_s"), "peak_memory_mb": result.get("peak_memory_mb")}
-        name = key[len(BASE_KEY):]
-        label = Path(name).name if Path(name).is_absolute() else name
+        label = Path(ref).name if Path(ref).is_absolute() else ref
         return {"key": key, "label": f"base: {label}", "method": "base", "trainable_params": 0,
                 "train_time_s": None, "peak_memory_mb": None}
 
@@ -109,8 +130,9 @@ class ComparisonAPI:
         return rows
 
 
-def _job_number(key: str) -> int:
-    return int(key[len(JOB_KEY):]) if key.startswith(JOB_KEY) else -1
+def _base_first(key: str) -> tuple[bool, int, str]:
+    kind, ref = parse_model_key(key)
+    return kind == "job", ref if kind == "job" else -1, key
 
 
 def _num(value: Any, fmt: str = "{:.4g}") -> str:

@@ -27,7 +27,6 @@ buffered points are written. Two environment variables exist for tests and demos
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
 import signal
@@ -38,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+import core
+from core.config import JobSpec
+from core.deployment import current
 
 from .schema import Job, MetricPoint, utcnow
 from .service import JobService, worker_tag
@@ -132,8 +135,6 @@ class Budget:
     """The deployment's per-job limits for this job's owner: steps and wall time (admins have none)."""
 
     def __init__(self, owner: str) -> None:
-        from core.deployment import current
-
         deployment = current()
         self.limited = not deployment.is_admin(owner)
         self.max_steps = deployment.limits.max_steps
@@ -220,15 +221,10 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-
-
 # --------------------------------------------------------------------------------------------------
 
 def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag,
               budget: Budget) -> tuple[str, dict[str, Any]]:
-    from core.config import JobSpec
     from core.train import train
 
     spec = JobSpec.from_dict(job["spec"])
@@ -262,8 +258,6 @@ def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: Sto
 
 def run_evaluate(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag,
                  budget: Budget) -> tuple[str, dict[str, Any]]:
-    from core.config import JobSpec
-
     spec = JobSpec.from_dict(job["spec"])
     adapter_dir, target = None, job["target_job_id"]
     if target is not None:
@@ -288,31 +282,20 @@ def run_export(service: JobService, job: dict[str, Any], rec: Recorder, stop: St
 def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Recorder, stop: StopFlag,
                    budget: Budget, adapter_dir: Path | None, adapter_job_id: int | None) -> list[int]:
     """Evaluate the base model (with ``adapter_dir`` loaded if given) on ``spec.eval.benchmarks``."""
-    try:
-        from core.evaluate import evaluate, load_benchmark
-    except ImportError as err:
-        raise RuntimeError(f"evaluation is not available in this version of core ({err})") from err
     import torch
-
-    import core
-    from core.models import load_model, resolve_device, resolve_dtype
 
     rec.update(phase="loading model for evaluation")
     rec.flush()
-    device = resolve_device(spec.model.device)
-    dtype = resolve_dtype(spec.model.precision, device)
-    loaded = load_model(spec.model, dtype=None if dtype == torch.float32 else dtype)  # frozen weights as in training
+    dtype = core.resolve_dtype(spec.model.precision, core.resolve_device(spec.model.device))
+    reduced = None if dtype == torch.float32 else dtype  # frozen weights and autocast, as in training
+    loaded = core.load_model(spec.model, dtype=reduced)
     if adapter_dir is not None:
         core.load_adapter(loaded.model, adapter_dir, tokenizer=loaded.tokenizer)
     loaded.model.eval()
-    accepted = inspect.signature(evaluate).parameters
-    extra: dict[str, Any] = {}
-    if "should_stop" in accepted:
-        extra["should_stop"] = lambda: stop.signal is not None or rec.cancel_requested()
-    if "dtype" in accepted and dtype != torch.float32:
-        extra["dtype"] = dtype  # autocast, as in training
-    if "template" in accepted:
-        extra["template"] = spec.data.template  # the prompt format the adapter was trained with
+
+    def should_stop() -> bool:
+        return stop.signal is not None or rec.cancel_requested()
+
     ids = []
     names = list(spec.eval.benchmarks)
     settings = {k: v for k, v in spec.eval.to_dict().items() if k != "benchmarks"}
@@ -331,18 +314,16 @@ def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Rec
             if stop.signal is not None or rec.cancel_requested() or budget.spent():
                 raise Cancelled()
 
-        bench = load_benchmark(name)
-        res = evaluate(loaded.model, loaded.tokenizer, bench, spec.eval, progress=progress, **extra)
-        if _field(res, "stopped", False):
+        res = core.evaluate(loaded.model, loaded.tokenizer, core.load_benchmark(name), spec.eval, progress=progress,
+                            should_stop=should_stop, dtype=reduced, template=spec.data.template)
+        if res.stopped:
             raise Cancelled()
-        samples = [s if isinstance(s, dict) else dataclasses.asdict(s) for s in (_field(res, "samples") or [])]
         ev = service.record_evaluation(
-            benchmark=name, base_model=spec.model.name, accuracy=_field(res, "accuracy"),
-            correct=_field(res, "correct"), total=_field(res, "total"), seconds=_field(res, "seconds"),
-            samples=samples, job_id=adapter_job_id, run_job_id=job["id"], settings=settings)
+            benchmark=name, base_model=spec.model.name, accuracy=res.accuracy, correct=res.correct,
+            total=res.total, seconds=res.seconds, samples=res.samples, job_id=adapter_job_id, run_job_id=job["id"],
+            settings=settings)
         ids.append(ev)
-        print(f"== {name}: accuracy {_field(res, 'accuracy'):.4f} "
-              f"({_field(res, 'correct')}/{_field(res, 'total')}) in {_field(res, 'seconds') or 0:.1f}s", flush=True)
+        print(f"== {name}: accuracy {res.accuracy:.4f} ({res.correct}/{res.total}) in {res.seconds:.1f}s", flush=True)
     return ids
 
 
@@ -352,8 +333,6 @@ RUNNERS = {"train": run_train, "evaluate": run_evaluate, "export": run_export}
 def check_disk(service: JobService) -> None:
     """Refuse to start with less free space under the runs folder than the deployment asks for."""
     import shutil
-
-    from core.deployment import current
 
     need = current().limits.min_free_disk_bytes
     service.runs_dir.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,12 @@ from core.models import ModelLoadError, load_model
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    import os
-    os.environ["WORKBENCH_HOME"] = str(tmp_path_factory.mktemp("home"))
-    try:
-        loaded = load_model(ModelSettings(precision="fp32"))
-    except ModelLoadError as err:
-        pytest.skip(f"embedded model unavailable: {err}")
-    return loaded
+    with pytest.MonkeyPatch.context() as mp:  # the conversion's home, for this module only
+        mp.setenv("WORKBENCH_HOME", str(tmp_path_factory.mktemp("home")))
+        try:
+            return load_model(ModelSettings(precision="fp32"))
+        except ModelLoadError as err:
+            pytest.skip(f"embedded model unavailable: {err}")
 
 
 def lora_formula(cfg, r: int) -> int:

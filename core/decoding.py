@@ -1,0 +1,459 @@
+"""Decoding for evaluation: when a row is done, and batched greedy decoding with a key/value cache.
+
+``batched_greedy`` decodes many prompts at once: prompts sorted by length (longest first), left
+padded; a row stops when ``stop(row, tokens)`` says so (``StopRule``: at EOS, at the template's next
+``###`` marker, or once its answer is final: number / letter, a completed sentence "The answer is
+..."; choice types, the first match, which the extraction rule can no longer change); finished rows
+leave the batch at once and, when the cache allows it, new prompts take their places.
+
+To shrink and refill a batch without copying the whole cache every step, this module reaches into
+transformers' cache internals (``DynamicCache.layers``, ``DynamicLayer.keys``/``values``): a
+``DynamicLayer`` subclass that appends into a buffer with spare columns, and trimming / merging of
+plain layers along the time axis. Caches it does not recognise (sliding window, quantised) fall back
+to ``batch_select_indices`` and no refill. ``hf_generate`` is the same contract through
+``model.generate`` (the plain Hugging Face path, ``evaluate(engine="generate")``, and for models our
+loop cannot drive); ``reference_generate`` is the LLM-Adapters protocol (one prompt at a time, beam
+search with 4 beams) for speed and agreement comparisons.
+
+Public API: ``StopRule``, ``eos_ids``, ``model_device``, ``batched_greedy``, ``hf_generate``,
+``reference_generate``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .benchmarks import CHOICE_PATTERNS
+
+# --------------------------------------------------------------------------------------------------
+# When a row is done.
+
+STOP_MARKERS = ("###", "Below is an instruction")
+_SENTENCE_END = r"(?:[.!?](?=\s)|\n)"
+# The answer is final: a completed sentence "The answer is ... <number>" / "... <letter A-E>".
+_FINAL = {
+    "number": re.compile(r"[Tt]he answer is[^\n]*?\d[^\n]*?" + _SENTENCE_END),
+    "letter": re.compile(r"[Tt]he answer is[^\n]*?[A-E][^\n]*?" + _SENTENCE_END),
+}
+_WINDOW = 48  # tokens decoded from the end of a row to check its stop rules
+
+
+class StopRule:
+    """Decides, token by token, when a row is done; returns the reason (eos, length, marker, answer) or None."""
+
+    def __init__(self, tokenizer: Any, answer_type: str | None, eos_ids: set[int], max_new_tokens: int):
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_new_tokens = max_new_tokens
+        self.final = _FINAL.get(answer_type) if answer_type else None
+        self.first_match = CHOICE_PATTERNS.get(answer_type) if answer_type not in (None, "letter") else None
+
+    def __call__(self, tokens: list[int]) -> str | None:
+        if tokens and tokens[-1] in self.eos_ids:
+            return "eos"
+        tail = self.tokenizer.decode(tokens[-_WINDOW:], skip_special_tokens=True)
+        if any(m in tail for m in STOP_MARKERS):
+            return "marker"
+        if self.final is not None and self.final.search(tail):
+            return "answer"
+        if self.first_match is not None and self.first_match.search(tail):
+            return "answer"
+        if len(tokens) >= self.max_new_tokens:
+            return "length"
+        return None
+
+    def text(self, tokens: list[int], reason: str | None) -> str:
+        """The response: the generated text cut at the next template marker, or after the final answer."""
+        if tokens and tokens[-1] in self.eos_ids:
+            tokens = tokens[:-1]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for marker in STOP_MARKERS:
+            text = text.split(marker)[0]
+        if reason == "answer" and self.final is not None:
+            match = self.final.search(text)
+            if match:
+                text = text[:match.end()]
+        return text.strip()
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    sources = [getattr(tokenizer, "eos_token_id", None),
+               getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+               getattr(getattr(model, "config", None), "eos_token_id", None)]
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value if v is not None)
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched greedy decoding with a key/value cache.
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):  # pragma: no cover
+        return torch.device("cpu")
+
+
+_RESERVE = 64  # time columns a cache buffer grows by at once
+
+
+def _growing_layer_class() -> type | None:
+    """A ``DynamicLayer`` that appends into a buffer with spare columns instead of concatenating.
+
+    ``DynamicLayer.update`` copies the whole cache on every decoding step (``torch.cat``); this layer
+    copies only when its buffer is full or was replaced (after rows leave or join the batch). Its
+    ``keys``/``values`` are views of the buffer, so everything reading them works unchanged.
+    """
+    global _GROWING
+    if _GROWING is not None:
+        return _GROWING
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover
+        return None
+
+    class GrowingLayer(DynamicLayer):
+        _kbuf: torch.Tensor | None = None
+        _vbuf: torch.Tensor | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+                self.lazy_initialization(key_states, value_states)
+                self.keys = self.values = None
+                self._kbuf = self._vbuf = None
+                length = 0
+            else:
+                length = self.keys.shape[-2]
+            n = key_states.shape[-2]
+            kb, vb = self._kbuf, self._vbuf
+            if (kb is None or self.keys is None or self.keys.data_ptr() != kb.data_ptr()
+                    or self.values.data_ptr() != vb.data_ptr() or kb.shape[0] != key_states.shape[0]
+                    or kb.shape[-2] < length + n or kb.dtype != key_states.dtype):
+                cap = length + n + _RESERVE
+                kb = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+                vb = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+                if length:
+                    kb[:, :, :length] = self.keys
+                    vb[:, :, :length] = self.values
+                self._kbuf, self._vbuf = kb, vb
+            kb[:, :, length:length + n] = key_states
+            vb[:, :, length:length + n] = value_states
+            self.keys, self.values = kb[:, :, :length + n], vb[:, :, :length + n]
+            return self.keys, self.values
+
+    _GROWING = GrowingLayer
+    return GrowingLayer
+
+
+_GROWING: type | None = None
+
+
+def _use_growing_layers(cache: Any) -> Any:
+    """Swap a fresh cache's plain ``DynamicLayer``s for growing ones (same behaviour, fewer copies)."""
+    cls = _growing_layer_class()
+    if cls is None:
+        return cache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        for i, layer in enumerate(layers):
+            if type(layer) is DynamicLayer and not layer.is_initialized:
+                layers[i] = cls()
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = cls
+    return cache
+
+
+def _plain_layers(cache: Any) -> list[Any] | None:
+    """The cache's layers when every one is a plain, filled ``DynamicLayer`` of equal length; else None.
+
+    Only such caches can be trimmed and merged along the time axis (sliding-window and quantised layers
+    keep their own bookkeeping); others are still shrunk with ``batch_select_indices``.
+    """
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    length = None
+    for layer in layers:
+        if type(layer) not in (DynamicLayer, _GROWING) or not getattr(layer, "is_initialized", False):
+            return None
+        keys, values = layer.keys, layer.values
+        if keys is None or keys.dim() != 4 or values is None or values.dim() != 4:
+            return None
+        if length is None:
+            length = keys.shape[-2]
+        if keys.shape[-2] != length or values.shape[-2] != length:
+            return None
+    return list(layers)
+
+
+def _pad_time(t: torch.Tensor, extra: int, pad: int) -> torch.Tensor:
+    """Insert ``pad`` zero columns at time offset ``extra`` (after any virtual-token positions)."""
+    if pad <= 0:
+        return t
+    zeros = t.new_zeros(*t.shape[:2], pad, *t.shape[3:])
+    return torch.cat([t[:, :, :extra], zeros, t[:, :, extra:]], dim=2)
+
+
+@dataclass
+class _Group:
+    """Rows decoding together: their cache, attention mask and per-row bookkeeping."""
+
+    cache: Any
+    mask: torch.Tensor  # (rows, columns): 1 for real tokens; the cache has ``extra`` columns more in front
+    lengths: torch.Tensor  # real tokens per row in the cache (the next position id)
+    last: torch.Tensor  # the token each row feeds next
+    rows: list[int]  # example numbers
+    extra: int  # virtual-token columns the cache holds before the mask's columns (prefix / prompt tuning)
+    plain: bool  # the cache can be trimmed and merged along time
+
+
+class _Decoder:
+    """Greedy decoding of many prompts with a shared, shrinking and refilled batch."""
+
+    def __init__(self, model: Any, tokenizer: Any, pad_id: int, device: torch.device, batch_size: int,
+                 refill_fraction: float = 0.25, growing: bool = True):
+        self.model, self.tokenizer, self.pad_id, self.device = model, tokenizer, pad_id, device
+        self.batch_size = max(1, int(batch_size))
+        self.refill_at = max(1, int(round(self.batch_size * refill_fraction)))
+        self.pass_positions = _accepts(model, "position_ids")
+        self.keep_logits = _accepts(model, "logits_to_keep")
+        self.config = getattr(model, "config", None)
+        self.growing = growing
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self.config) if self.config is not None else DynamicCache()
+        except Exception:  # pragma: no cover - exotic configs
+            cache = DynamicCache()
+        return _use_growing_layers(cache) if self.growing else cache
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any):
+        kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        if self.pass_positions:
+            kwargs["position_ids"] = positions
+        if self.keep_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        return out.logits[:, -1, :].argmax(-1), out.past_key_values
+
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> tuple[_Group, list[int]]:
+        width = max(len(prompts[r]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            p = prompts[r]
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt, cache = self._forward(ids, mask, positions, self._new_cache())
+        extra = cache.get_seq_length() - width if hasattr(cache, "get_seq_length") else 0
+        group = _Group(cache=cache, mask=mask, lengths=mask.sum(-1), last=nxt, rows=list(rows),
+                       extra=max(0, extra), plain=_plain_layers(cache) is not None and extra >= 0)
+        return group, nxt.tolist()
+
+    def step(self, g: _Group) -> list[int]:
+        g.mask = torch.cat([g.mask, g.mask.new_ones(g.mask.shape[0], 1)], dim=1)
+        nxt, g.cache = self._forward(g.last.unsqueeze(1), g.mask, g.lengths.unsqueeze(1), g.cache)
+        g.lengths = g.lengths + 1
+        g.last = nxt
+        return nxt.tolist()
+
+    def keep(self, g: _Group, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (positions in the group); drop time columns no row needs any more."""
+        idx = torch.tensor(keep, dtype=torch.long, device=g.mask.device)
+        g.mask, g.lengths, g.last = g.mask[idx], g.lengths[idx], g.last[idx]
+        g.rows = [g.rows[i] for i in keep]
+        layers = _plain_layers(g.cache) if g.plain else None
+        if layers is None:
+            g.cache.batch_select_indices(idx)
+            return
+        used = g.mask.any(0).nonzero()
+        trim = int(used[0]) if used.numel() else 0
+        trim = min(trim, g.mask.shape[1] - 1)
+        e = g.extra
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name).index_select(0, idx)
+                if trim > 0:
+                    t = t[:, :, e + trim:] if e == 0 else torch.cat([t[:, :, :e], t[:, :, e + trim:]], dim=2)
+                setattr(layer, name, t)
+        if trim > 0:
+            g.mask = g.mask[:, trim:]
+
+    @staticmethod
+    def can_merge(a: _Group, b: _Group) -> bool:
+        if not (a.plain and b.plain and a.extra == b.extra):
+            return False
+        la, lb = _plain_layers(a.cache), _plain_layers(b.cache)
+        return la is not None and lb is not None and len(la) == len(lb)
+
+    @staticmethod
+    def merge(a: _Group, b: _Group) -> _Group:
+        """``a`` and ``b`` as one batch: the shorter left-padded (after the virtual positions) to the longer."""
+        ta, tb = a.mask.shape[1], b.mask.shape[1]
+        width, e = max(ta, tb), a.extra
+        for la, lb in zip(_plain_layers(a.cache), _plain_layers(b.cache)):
+            for name in ("keys", "values"):
+                ka, kb = getattr(la, name), getattr(lb, name)
+                setattr(la, name, torch.cat([_pad_time(ka, e, width - ta), _pad_time(kb.to(ka.dtype), e, width - tb)]))
+        a.mask = torch.cat([torch.nn.functional.pad(a.mask, (width - ta, 0)),
+                            torch.nn.functional.pad(b.mask, (width - tb, 0))])
+        a.lengths = torch.cat([a.lengths, b.lengths])
+        a.last = torch.cat([a.last, b.last])
+        a.rows = a.rows + b.rows
+        return a
+
+
+def batched_greedy(model: Any, tokenizer: Any, prompts: list[list[int]], batch_size: int,
+                   stop: Callable[[int, list[int]], str | None], pad_id: int,
+                   on_done: Callable[[int, list[int], str], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None, refill: bool = True,
+                   refill_fraction: float = 0.25) -> tuple[dict[int, tuple[list[int], str]], bool]:
+    """Greedy continuations of ``prompts`` (token ids): {prompt number: (generated ids, stop reason)}.
+
+    ``stop(i, tokens)`` says when row ``i`` is done. Prompts run longest first; a finished row leaves
+    the batch at once; with ``refill``, pending prompts join when a quarter of the batch is free.
+    Returns the results and whether ``should_stop`` cut the run short.
+    """
+    dec = _Decoder(model, tokenizer, pad_id, model_device(model), batch_size, refill_fraction)
+    pending = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    pending.reverse()  # pop() from the end takes the longest first
+    generated: dict[int, list[int]] = {}
+    results: dict[int, tuple[list[int], str]] = {}
+    group: _Group | None = None
+
+    def advance(g: _Group, tokens: list[int]) -> _Group | None:
+        keep = []
+        for pos, (row, tok) in enumerate(zip(g.rows, tokens)):
+            seq = generated.setdefault(row, [])
+            seq.append(tok)
+            reason = stop(row, seq)
+            if reason is None:
+                keep.append(pos)
+            else:
+                results[row] = (seq, reason)
+                if on_done is not None:
+                    on_done(row, seq, reason)
+        if not keep:
+            return None
+        if len(keep) < len(g.rows):
+            dec.keep(g, keep)
+        return g
+
+    while pending or group is not None:
+        if should_stop is not None and should_stop():
+            return results, True
+        active = 0 if group is None else len(group.rows)
+        free = dec.batch_size - active
+        if pending and (group is None or (refill and group.plain and free >= min(dec.refill_at, len(pending)))):
+            take = [pending.pop() for _ in range(min(free, len(pending)))]
+            new, tokens = dec.prefill(take, prompts)
+            new = advance(new, tokens)
+            if group is None:
+                group = new
+            elif new is not None:
+                if dec.can_merge(group, new):
+                    group = dec.merge(group, new)
+                else:  # cannot share a cache: finish the current batch first, then this one
+                    pending.extend(reversed(new.rows))
+                    for r in new.rows:
+                        generated.pop(r, None)
+                    refill = False
+            continue
+        tokens = dec.step(group)
+        group = advance(group, tokens)
+    return results, False
+
+
+def hf_generate(model: Any, tokenizer: Any, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+                stop: Callable[[int, list[int]], str | None], pad_id: int, eos_ids: set[int],
+                on_done: Callable[[int, list[int], str], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> tuple[dict[int, tuple[list[int], str]], bool]:
+    """The same contract as ``batched_greedy`` through ``model.generate`` (for models our loop cannot drive)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    device = model_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: dict[int, tuple[list[int], str]] = {}
+    for start in range(0, len(order), batch_size):
+        if should_stop is not None and should_stop():
+            return results, True
+        rows = order[start:start + batch_size]
+        width = max(len(prompts[r]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(prompts[r]):] = torch.tensor(prompts[r])
+            mask[i, width - len(prompts[r]):] = 1
+        done: dict[int, tuple[list[int], str]] = {}
+
+        class RowStop(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+                flags = []
+                for i, r in enumerate(rows):
+                    if r not in done:
+                        seq = input_ids[i, width:].tolist()
+                        reason = stop(r, seq)
+                        if reason is not None:
+                            done[r] = (seq, reason)
+                    flags.append(r in done)
+                return torch.tensor(flags, device=input_ids.device)
+
+        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                       do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+                       eos_token_id=sorted(eos_ids) or None, stopping_criteria=StoppingCriteriaList([RowStop()]))
+        for r in rows:
+            seq, reason = done.get(r, ([], "length"))
+            results[r] = (seq, reason)
+            if on_done is not None:
+                on_done(r, seq, reason)
+    return results, False
+
+
+# --------------------------------------------------------------------------------------------------
+# The LLM-Adapters protocol.
+
+def reference_generate(model: Any, tokenizer: Any, prompt: str, num_beams: int = 4, max_new_tokens: int = 256) -> str:
+    """One response by the LLM-Adapters protocol: this prompt alone, beam search (4 beams), no sampling.
+
+    As in LLM-Adapters' ``evaluate.py``, the response is the text after ``### Response:`` up to a
+    following ``### Response:``, stripped.
+    """
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = model_device(model)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    ids = inputs["input_ids"].to(device)
+    mask = inputs.get("attention_mask")
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=None if mask is None else mask.to(device),
+                             num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return text.split("### Response:")[0].strip()
