@@ -55,12 +55,13 @@ demo = build_demo(service, settings.deployment)
 
 
 def _warm_up() -> None:
-    """Convert the embedded model once (a few seconds) before the first click needs it."""
+    """Convert the embedded model once (a few seconds) before the first chat or job needs it (the page's
+    estimate reads its config from the GGUF header and never waits for this)."""
     try:
-        from core.config import DEFAULT_MODEL, ModelSettings
-        from core.estimate import model_config
+        from core.config import DEFAULT_MODEL
+        from core.embedded import ensure_converted
 
-        model_config(ModelSettings(name=DEFAULT_MODEL))
+        ensure_converted(DEFAULT_MODEL)
     except Exception:  # offline without the package: the UI says so when the model is chosen
         logging.getLogger("workbench").warning("embedded model not available", exc_info=True)
 

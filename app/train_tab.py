@@ -1,7 +1,8 @@
 """Train tab: base model, adapter (method, placement, layers), data, hyperparameters -> a job.
 
 The adapter, data, training and evaluation widgets are generated from the settings dataclasses
-(``app.forms``). Handlers are top-level functions of a plain ``form`` dict (field path -> widget
+(``app.forms``); the methods, their labels and settings groups come from the registry
+(``core.methods``). Handlers are top-level functions of a plain ``form`` dict (field path -> widget
 value), so they are tested without a browser; ``build_train_tab`` only draws and wires.
 """
 
@@ -15,8 +16,9 @@ from typing import Any
 import gradio as gr
 
 from core import data as data_mod
-from core.config import (BUILTIN_DATASET, DEFAULT_MODEL, METHOD_SETTINGS, PRESETS, ROLES, AdapterConfig,
-                         ConfigError, DataSettings, EvalSettings, JobSpec, ModelSettings, TrainSettings, fields_of)
+from core import methods
+from core.config import (BUILTIN_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, PRESETS, ROLES, AdapterConfig, ConfigError,
+                         DataSettings, EvalSettings, JobSpec, ModelSettings, TrainSettings, fields_of)
 from core.estimate import estimate, human_bytes, human_count, model_config
 from core.deployment import current as current_deployment
 from core.paths import workbench_home
@@ -26,8 +28,6 @@ from .common import error_text, error_update, guarded, warn
 from .diagram import available_roles, block_diagram
 from .forms import Form, add_fields, collect, spread
 
-METHOD_LABELS = {"lora": "LoRA", "series": "Series adapter", "parallel": "Parallel adapter",
-                 "prefix": "Prefix tuning", "prompt": "Prompt tuning", "ptuning": "P-tuning"}
 DATA_KINDS = ("built-in", "upload", "server path", "hub id")
 SOURCE_KINDS = dict(zip(DATA_KINDS, ("builtin", "upload", "local", "hub")))  # core.sources' names
 UPLOAD_TYPES = (".json", ".jsonl", ".csv")
@@ -45,12 +45,14 @@ def model_settings(form: dict[str, Any]) -> ModelSettings:
 
 def adapter_config(form: dict[str, Any]) -> AdapterConfig:
     """The adapter the form describes (not validated). ``ConfigError`` for unparsable widget values."""
-    method = form.get("adapter.method") or "lora"
-    if method not in METHOD_SETTINGS:
-        raise ConfigError("adapter.method", f"unknown method {method!r}; known: {', '.join(METHOD_SETTINGS)}")
-    values = collect(METHOD_SETTINGS[method], f"adapter.{method}", form)
+    method = form.get("adapter.method") or DEFAULT_METHOD
+    try:
+        settings_cls = methods.get(method).settings
+    except ConfigError as err:
+        raise err.within("adapter") from None
+    values = collect(settings_cls, f"adapter.{method}", form)
     layers = str(form.get("adapter.layers") or "all").strip() or "all"
-    return AdapterConfig(method=method, layers=layers, settings=METHOD_SETTINGS[method](**values))
+    return AdapterConfig(method=method, layers=layers, settings=settings_cls(**values))
 
 
 def data_source(form: dict[str, Any]) -> str:
@@ -109,7 +111,7 @@ def form_from_spec(spec: JobSpec, uploads: Path | None = None) -> dict[str, Any]
     values["adapter.method"] = method
     layers = spec.adapter.layers
     values["adapter.layers"] = ",".join(map(str, layers)) if isinstance(layers, list) else str(layers)
-    values.update(spread(METHOD_SETTINGS[method], f"adapter.{method}", spec.adapter.settings.to_dict()))
+    values.update(spread(methods.get(method).settings, f"adapter.{method}", spec.adapter.settings.to_dict()))
     values.update(spread(DataSettings, "data", spec.data.to_dict(), skip=("source",)))
     source = spec.data.source
     uploads = uploads or upload_dir()
@@ -130,8 +132,8 @@ def form_from_spec(spec: JobSpec, uploads: Path | None = None) -> dict[str, Any]
 def default_form() -> dict[str, Any]:
     """The form as a fresh page shows it: every method's defaults, the default job spec."""
     values: dict[str, Any] = {}
-    for method, cls in METHOD_SETTINGS.items():
-        values.update(spread(cls, f"adapter.{method}", cls().to_dict()))
+    for m in methods.all():
+        values.update(spread(m.settings, f"adapter.{m.name}", m.settings().to_dict()))
     values.update({"data.builtin": BUILTIN_DATASET, "data.upload": None, "data.server_path": "", "data.hub_id": ""})
     values.update(form_from_spec(JobSpec()))
     return values
@@ -179,8 +181,8 @@ def launch(service: Any, form: dict[str, Any]) -> tuple[dict, Any]:
 
 
 def method_visibility(method: str) -> list[dict]:
-    """One visibility update per method group, in METHOD_SETTINGS order."""
-    return [gr.update(visible=(m == method)) for m in METHOD_SETTINGS]
+    """One visibility update per method group, in the registry's order."""
+    return [gr.update(visible=(m == method)) for m in methods.names()]
 
 
 def preset_values(preset: str) -> dict[str, Any]:
@@ -188,14 +190,16 @@ def preset_values(preset: str) -> dict[str, Any]:
     if preset not in PRESETS:
         return {}
     method, overrides = PRESETS[preset]
-    settings = METHOD_SETTINGS[method](**overrides).to_dict()
-    return {"adapter.method": method, **spread(METHOD_SETTINGS[method], f"adapter.{method}", settings)}
+    settings_cls = methods.get(method).settings
+    return {"adapter.method": method, **spread(settings_cls, f"adapter.{method}", settings_cls(**overrides).to_dict())}
 
 
 def _lenient_settings(form: dict[str, Any], method: str) -> dict[str, Any]:
     """The method's settings as far as they parse (for drawing while the user types)."""
     out = {}
-    for meta in fields_of(METHOD_SETTINGS.get(method, METHOD_SETTINGS["lora"])):
+    if method not in methods.names():
+        return out
+    for meta in fields_of(methods.get(method).settings):
         raw = form.get(f"adapter.{method}.{meta['name']}", meta["default"])
         out[meta["name"]] = raw if raw not in (None, "") else meta["default"]
     return out
@@ -203,7 +207,7 @@ def _lenient_settings(form: dict[str, Any], method: str) -> dict[str, Any]:
 
 def plan(form: dict[str, Any]) -> tuple[str, str, str]:
     """(model line, estimate, diagram) for the current form; errors become messages in place."""
-    method = form.get("adapter.method") or "lora"
+    method = form.get("adapter.method") or DEFAULT_METHOD
     layers = form.get("adapter.layers") or "all"
     model_line, facts = "", None
     try:
@@ -245,15 +249,23 @@ def estimate_markdown(est: dict[str, Any]) -> str:
         f"(micro-batch {est['micro_batch_size']} × {est['seq_len']} tokens)</small>")
 
 
-def roles_update(form: dict[str, Any]) -> dict:
-    """LoRA target choices restricted to the roles the chosen architecture has."""
+def role_fields() -> list[str]:
+    """Form paths of the method settings whose choices are roles (LoRA's ``targets``)."""
+    return [f"adapter.{m.name}.{meta['name']}" for m in methods.all() for meta in fields_of(m.settings)
+            if meta.get("choices") == ROLES]
+
+
+def roles_update(form: dict[str, Any], path: str | None = None) -> dict:
+    """The role choices of the field at ``path`` (the first of ``role_fields()`` when None) restricted to
+    the roles the chosen architecture has."""
+    path = path or role_fields()[0]
     try:
         model_type = model_config(model_settings(form)).model_type
     except ConfigError:
         return gr.skip()
     have = available_roles(model_type)
     choices = [r for r in ROLES if r in have]
-    current = [r for r in (form.get("adapter.lora.targets") or []) if r in have]
+    current = [r for r in (form.get(path) or []) if r in have]
     return gr.update(choices=choices, value=current)
 
 
@@ -327,10 +339,8 @@ def preview(service: Any, form: dict[str, Any]) -> tuple[dict, list[list[str]], 
 
 def benchmark_choices() -> list[tuple[str, str]]:
     """(label, name) of the benchmarks whose data is on this machine (unavailable ones would only fail)."""
-    try:
-        from core.evaluate import list_benchmarks
-    except ImportError:
-        return []
+    from core.benchmarks import list_benchmarks
+
     out = []
     for b in list_benchmarks():
         if isinstance(b, str):
@@ -395,18 +405,18 @@ def build_train_tab(service: Any) -> TrainTab:
                 preset = gr.Dropdown(choices=[CUSTOM_PRESET, *PRESETS], value="LoRA", label="paper preset",
                                      info="the configurations named in LLM-Adapters", scale=1)
                 form.add("adapter.method", gr.Radio(
-                    choices=[(METHOD_LABELS.get(m, m), m) for m in METHOD_SETTINGS], value="lora", label="method",
+                    choices=[(m.label, m.name) for m in methods.all()], value=DEFAULT_METHOD, label="method",
                     scale=3))
             groups = []
-            for name, cls in METHOD_SETTINGS.items():
-                choice_fields = [m["name"] for m in fields_of(cls) if m.get("choices")]
-                other_fields = [m["name"] for m in fields_of(cls) if not m.get("choices")]
-                with gr.Group(visible=(name == "lora")) as group:
+            for m in methods.all():
+                choice_fields = [f["name"] for f in fields_of(m.settings) if f.get("choices")]
+                other_fields = [f["name"] for f in fields_of(m.settings) if not f.get("choices")]
+                with gr.Group(visible=(m.name == DEFAULT_METHOD)) as group:
                     with gr.Row():
-                        add_fields(form, cls, f"adapter.{name}", skip=choice_fields)
+                        add_fields(form, m.settings, f"adapter.{m.name}", skip=choice_fields)
                     if choice_fields:
                         with gr.Row():
-                            add_fields(form, cls, f"adapter.{name}", skip=other_fields)
+                            add_fields(form, m.settings, f"adapter.{m.name}", skip=other_fields)
                 groups.append(group)
             form.add("adapter.layers", gr.Textbox(
                 value="all", label="layers", info="which decoder layers get adapters: all, 0-11, 0,2,4 or 0-3,8 "
@@ -414,7 +424,7 @@ def build_train_tab(service: Any) -> TrainTab:
         with gr.Column(scale=4, min_width=380):
             gr.Markdown("### Estimate", elem_classes="section-title")
             estimate_md = gr.Markdown("computing…", elem_classes="estimate-box")
-            diagram = gr.HTML(block_diagram("lora", METHOD_SETTINGS["lora"]().to_dict()))
+            diagram = gr.HTML(block_diagram(DEFAULT_METHOD, methods.get(DEFAULT_METHOD).settings().to_dict()))
 
     gr.Markdown("### 3 · Data", elem_classes="section-title")
     with gr.Row(equal_height=False):
@@ -507,9 +517,9 @@ def _wire(tab: TrainTab, service: Any, config_acc: Any) -> None:
     form["adapter.method"].input(lambda m: CUSTOM_PRESET, form["adapter.method"], tab.preset,
                                  show_progress="hidden")
 
-    targets = form["adapter.lora.targets"]
-    form["model.name"].change(lambda *v: roles_update(as_form(*v)), inputs, targets,
-                              show_progress="hidden").then(
+    role_paths = role_fields()  # restricted to the roles of the chosen model, then the plan is redrawn
+    form["model.name"].change(lambda *v: [roles_update(as_form(*v), p) for p in role_paths], inputs,
+                              [form[p] for p in role_paths], show_progress="hidden").then(
         fn=plan_fn, inputs=inputs, outputs=tab.plan_outputs, trigger_mode="always_last", show_progress="minimal")
 
     def on_preset(preset):

@@ -362,7 +362,7 @@ def test_preview_of_a_server_path_is_refused_in_public_and_team(box):
 
 
 def test_benchmark_files_follow_the_same_rules(box):
-    from core.evaluate import BenchmarkError, load_benchmark
+    from core.benchmarks import BenchmarkError, load_benchmark
 
     (box["data"] / "my_set.json").write_text(json.dumps([{"instruction": "Q", "answer": "3"}]))
     assert len(load_benchmark(str(box["data"] / "my_set.json"), deployment=dep("team", box))) == 1
@@ -419,11 +419,11 @@ def evil(box, tiny_model_dir):
 
 def _loaders():
     from core.estimate import estimate, model_config
-    from core.models import load_model, load_tokenizer, model_info
+    from core.models import load_config, load_model, load_tokenizer
     from core.config import AdapterConfig
 
     return {"model_config": lambda s, d: model_config(s, d), "tokenizer": lambda s, d: load_tokenizer(s, d),
-            "load_model": lambda s, d: load_model(s, deployment=d), "model_info": lambda s, d: model_info(s, d),
+            "load_model": lambda s, d: load_model(s, deployment=d), "load_config": lambda s, d: load_config(s, d),
             "estimate": lambda s, d: estimate(s, AdapterConfig(), deployment=d)}
 
 
