@@ -1,13 +1,11 @@
 """One decoder block as an inline SVG, with the chosen adapter drawn where it sits.
 
 The picture follows the LLM-Adapters figure: norm -> attention (q, k, v, o) -> residual add ->
-norm -> MLP (gate, up, down) -> residual add. Frozen modules are grey; what trains is amber:
-
-- LoRA: the targeted projections (a ``+BA`` badge on each);
-- series: a bottleneck box after the attention and/or MLP output, before the residual add;
-- parallel: a bottleneck box beside the attention and/or MLP, from the block input to its output;
-- prefix: trainable key/value rows fed into every attention layer's k and v;
-- prompt / P-tuning: virtual tokens prepended to the input embeddings (before the first layer).
+norm -> MLP (gate, up, down) -> residual add. Frozen modules are grey; what trains is amber. What to
+draw comes from the method's record (``core.methods``): its ``draw`` turns the settings into a
+``Drawing`` (badges on trained projections, bottleneck boxes after or beside a block, virtual
+key/value rows joining k and v, virtual tokens before the input), which this module renders without
+knowing any method by name.
 
 Which roles exist comes from ``core.arch``'s table (no gate on GPT-2, fused qkv on BLOOM ...), so the
 drawing of each architecture is data too.
@@ -18,7 +16,10 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from core import methods
 from core.arch import ARCHITECTURES
+from core.config import ConfigError
+from core.methods import Drawing
 
 FROZEN = {"fill": "#eef2f7", "stroke": "#94a3b8", "text": "#334155"}
 TRAIN = {"fill": "#fde68a", "stroke": "#d97706", "text": "#7c2d12"}
@@ -76,27 +77,19 @@ def available_roles(model_type: str | None) -> set[str]:
     return roles | ({"q", "k", "v"} if spec.fused else set())
 
 
+def _drawing(method: str, settings: dict[str, Any]) -> tuple[Drawing, bool]:
+    """(what ``method`` draws for ``settings``, whether it acts on every layer at once)."""
+    try:
+        m = methods.get(method)
+    except ConfigError:
+        return Drawing(caption=str(method)), True
+    return m.draw(settings), m.all_layers_only
+
+
 def describe(method: str, settings: dict[str, Any], layers: Any = "all", num_layers: int | None = None) -> str:
     """One line saying where the adapter sits, e.g. ``LoRA (r=32) on q, k, v, up, down in all 30 layers``."""
-    where = _layers_text(layers, num_layers)
-    s = settings
-    if method == "lora":
-        return f"LoRA (r={s.get('r')}, alpha={s.get('alpha')}) on {', '.join(s.get('targets') or []) or 'nothing'} {where}"
-    if method == "series":
-        place = {"attn": "after attention", "mlp": "after the MLP", "both": "after attention and after the MLP"}
-        return f"Series adapter (bottleneck {s.get('bottleneck')}) {place.get(s.get('placement'), '?')} {where}"
-    if method == "parallel":
-        place = {"attn": "beside attention", "mlp": "beside the MLP", "both": "beside attention and the MLP"}
-        return (f"Parallel adapter (bottleneck {s.get('bottleneck')}, scale {s.get('scale')}) "
-                f"{place.get(s.get('placement'), '?')} {where}")
-    if method == "prefix":
-        return f"Prefix tuning: {s.get('num_virtual_tokens')} trainable key/value positions in every attention layer"
-    if method == "prompt":
-        return f"Prompt tuning: {s.get('num_virtual_tokens')} soft-prompt embeddings before the input"
-    if method == "ptuning":
-        return (f"P-tuning: {s.get('num_virtual_tokens')} virtual tokens from a {s.get('encoder', 'mlp').upper()} "
-                "prompt encoder, before the input")
-    return method
+    drawing, all_layers = _drawing(method, settings)
+    return drawing.caption if all_layers else f"{drawing.caption} {_layers_text(layers, num_layers)}"
 
 
 def _layers_text(layers: Any, num_layers: int | None) -> str:
@@ -110,34 +103,36 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
                   model_type: str | None = None, num_layers: int | None = None) -> str:
     """The SVG (as an HTML string) of one decoder block with ``method``'s adapter highlighted.
 
-    ``settings`` are the method's settings as a dict (``targets`` for LoRA, ``placement`` for series
-    and parallel, ``num_virtual_tokens`` for the prompt methods); missing keys take safe defaults so a
-    half-filled form still draws.
+    ``settings`` are the method's settings as a dict; a half-filled form still draws (each method's
+    ``draw`` reads what it needs with safe defaults).
     """
     s = dict(settings or {})
     roles = available_roles(model_type)
     spec = ARCHITECTURES.get(model_type or "")
     fused = bool(spec and spec.fused)
-    lora_targets = set(s.get("targets") or []) if method == "lora" else set()
-    placement = s.get("placement", "mlp")
-    places = {"attn": {"attn"}, "mlp": {"mlp"}, "both": {"attn", "mlp"}}.get(placement, set())
-    series = places if method == "series" else set()
-    parallel = places if method == "parallel" else set()
-    n_virtual = s.get("num_virtual_tokens", 10)
+    d, all_layers = _drawing(method, s)
+    marks = {role: mark for role, mark in d.marks.items() if role in roles}
+    series = {b.block: b for b in d.boxes if b.joins == "series"}
+    parallel = {b.block: b for b in d.boxes if b.joins == "parallel"}
+
+    def projection(role: str) -> tuple[str, dict[str, str]]:
+        """A projection's label and style: a badge and amber when the adapter trains it."""
+        if role in marks:
+            return f"{role} {marks[role]}", TRAIN
+        return role, FROZEN
 
     out: list[str] = []
     add = out.append
     x0 = CX - COL_W / 2
     amber = TRAIN["stroke"]
 
-    # Input embeddings and prompt methods.
+    # Input embeddings and virtual tokens before them.
     add(_box(x0, 14, COL_W, 32, "token embeddings", FROZEN))
-    if method in ("prompt", "ptuning"):
-        label = f"{n_virtual} soft-prompt vectors" if method == "prompt" else f"{n_virtual} virtual tokens"
-        add(_box(x0 + COL_W + 60, 14, 165, 32, label, TRAIN, title="trainable embeddings prepended to the input"))
-        if method == "ptuning":
-            add(_text(x0 + COL_W + 142, 62, f"from an {str(s.get('encoder', 'mlp')).upper()} prompt encoder",
-                      size=11, italic=True))
+    if d.input_tokens:
+        add(_box(x0 + COL_W + 60, 14, 165, 32, d.input_tokens, TRAIN,
+                 title="trainable embeddings prepended to the input"))
+        if d.input_note:
+            add(_text(x0 + COL_W + 142, 62, d.input_note, size=11, italic=True))
         add(_line(x0 + COL_W + 60, 30, x0 + COL_W + 4, 30, color=amber))
         add(_text(x0 + COL_W + 32, 24, "prepend", size=10, color=amber))
 
@@ -146,7 +141,7 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
     frame_top = 70
     add(_text(x0 - 60, 88, "decoder layer" + (f" × {num_layers}" if num_layers else " × N"), size=12,
               anchor="start", bold=True))
-    if method in ("lora", "series", "parallel"):
+    if not all_layers:
         add(_text(x0 - 60, 104, _layers_text(layers, num_layers).replace("in ", "adapted: ", 1), size=11,
                   anchor="start", color=amber))
 
@@ -159,20 +154,18 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
     for i, role in enumerate("qkv"):
         bx = x0 + 10 + i * (bw + 10)
         centres[role] = (bx, bx + bw)
-        hit = role in lora_targets and role in roles
-        label = role + (" +BA" if hit else "") + (" ⧺ P" if method == "prefix" and role in "kv" else "")
-        add(_box(bx, y_attn + 24, bw, 26, label, TRAIN if hit else FROZEN, size=12,
+        label, style = projection(role)
+        label += " ⧺ P" if d.kv_tokens and role in "kv" else ""
+        add(_box(bx, y_attn + 24, bw, 26, label, style, size=12,
                  title=("fused qkv projection" if fused else f"{role}_proj")))
     if fused:
         add(_text(CX, y_attn + 62, "(one fused qkv projection)", size=10, italic=True))
     add(_text(CX, y_attn + 74 if fused else y_attn + 66, "softmax(q kᵀ / √d) v", size=11, italic=True))
-    hit_o = "o" in lora_targets
-    add(_box(x0 + 50, y_attn + 80, COL_W - 100, 24, "o" + (" +BA" if hit_o else ""), TRAIN if hit_o else FROZEN,
-             size=12))
+    add(_box(x0 + 50, y_attn + 80, COL_W - 100, 24, *projection("o"), size=12))
     y_attn_out = y_attn + attn_h
-    if method == "prefix":
+    if d.kv_tokens:
         px = x0 + COL_W + 50
-        add(_box(px, y_attn + 22, 180, 30, f"prefix keys/values ×{n_virtual}", TRAIN,
+        add(_box(px, y_attn + 22, 180, 30, d.kv_tokens, TRAIN,
                  title="trainable key/value positions prepended in every attention layer"))
         add(_line(px, y_attn + 37, centres["v"][1] + 2, y_attn + 37, color=amber))
         k_mid = (centres["k"][0] + centres["k"][1]) / 2
@@ -180,11 +173,11 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
         add(_text(px + 90, y_attn + 68, "joins k and v in every layer", size=11, italic=True, color=amber))
     y = y_attn_out
     if "attn" in series:
-        y = _series_box(out, x0, y, s)
+        y = _series_box(out, x0, y, series["attn"].label)
     y_add1 = y + 30
     add(_line(CX, y, CX, y_add1 - 10))
     if "attn" in parallel:
-        _parallel(out, x0, y_norm1 + 34, y_attn_out - 8, s)
+        _parallel(out, x0, y_norm1 + 34, y_attn_out - 8, parallel["attn"].label, parallel["attn"].scale)
     add(_path(f"M {CX} {y_res1} H {x0 - 30} V {y_add1} H {CX - 14}"))  # residual around attention
     add(_text(x0 - 36, (y_res1 + y_add1) / 2, "residual", size=11, anchor="end", italic=True))
     add(_plus(CX, y_add1))
@@ -200,18 +193,15 @@ def block_diagram(method: str, settings: dict[str, Any] | None = None, layers: A
         if role not in roles:
             add(_box(bx, y_mlp + 22, half, 26, f"({role}: none)", ABSENT, dashed=True, size=11))
             continue
-        hit = role in lora_targets
-        add(_box(bx, y_mlp + 22, half, 26, role + (" +BA" if hit else ""), TRAIN if hit else FROZEN, size=12))
-    hit_d = "down" in lora_targets
-    add(_box(x0 + 50, y_mlp + 58, COL_W - 100, 24, "down" + (" +BA" if hit_d else ""), TRAIN if hit_d else FROZEN,
-             size=12))
+        add(_box(bx, y_mlp + 22, half, 26, *projection(role), size=12))
+    add(_box(x0 + 50, y_mlp + 58, COL_W - 100, 24, *projection("down"), size=12))
     y = y_mlp + mlp_h
     if "mlp" in series:
-        y = _series_box(out, x0, y, s)
+        y = _series_box(out, x0, y, series["mlp"].label)
     y_add2 = y + 30
     add(_line(CX, y, CX, y_add2 - 10))
     if "mlp" in parallel:
-        _parallel(out, x0, y_norm2 + 34, y_mlp + mlp_h - 8, s)
+        _parallel(out, x0, y_norm2 + 34, y_mlp + mlp_h - 8, parallel["mlp"].label, parallel["mlp"].scale)
     add(_path(f"M {CX} {y_add1 + 20} H {x0 - 30} V {y_add2} H {CX - 14}"))
     add(_text(x0 - 36, (y_add1 + y_add2) / 2 + 8, "residual", size=11, anchor="end", italic=True))
     add(_plus(CX, y_add2))
@@ -250,19 +240,19 @@ def _norm_and_frame(out: list[str], x0: float, y_from: float, y_norm: float, y_b
     out.append(_text(x0 + 8, y_block + 15, title, size=11, anchor="start", bold=True))
 
 
-def _series_box(out: list[str], x0: float, y: float, s: dict[str, Any]) -> float:
+def _series_box(out: list[str], x0: float, y: float, label: str) -> float:
     """A series adapter box on the main path below ``y``; returns where the path continues."""
     out.append(_line(CX, y, CX, y + 14))
-    out.append(_box(x0 + 30, y + 14, COL_W - 60, 28, f"series adapter ({s.get('bottleneck', '?')})", TRAIN))
+    out.append(_box(x0 + 30, y + 14, COL_W - 60, 28, label, TRAIN))
     return y + 42
 
 
-def _parallel(out: list[str], x0: float, y_in: float, y_out: float, s: dict[str, Any]) -> None:
+def _parallel(out: list[str], x0: float, y_in: float, y_out: float, label: str, scale: str | None) -> None:
     """A parallel adapter box right of a block, fed from the block input and summed into its output."""
     bx = x0 + COL_W + 50
     mid = (y_in + y_out) / 2
     out.append(_path(f"M {CX} {y_in} H {bx + 80} V {mid - 16}", color=TRAIN["stroke"]))
-    out.append(_box(bx, mid - 16, 160, 32, f"parallel adapter ({s.get('bottleneck', '?')})", TRAIN))
-    scale = s.get("scale", 1.0)
+    out.append(_box(bx, mid - 16, 160, 32, label, TRAIN))
     out.append(_path(f"M {bx + 80} {mid + 16} V {y_out} H {x0 + COL_W + 4}", color=TRAIN["stroke"]))
-    out.append(_text(bx + 86, y_out - 4, f"× {scale}", size=11, anchor="start", color=TRAIN["stroke"]))
+    if scale is not None:
+        out.append(_text(bx + 86, y_out - 4, f"× {scale}", size=11, anchor="start", color=TRAIN["stroke"]))

@@ -20,12 +20,13 @@ from typing import Any
 import gradio as gr
 import plotly.io as pio
 
-from core.config import ConfigError, JobSpec, METHOD_SETTINGS
-from core.study import PLACEMENTS, VALUE_SETTING, StudySpec, hyperparameter_study, placement_study
+from core import methods as registry
+from core.config import ConfigError, JobSpec
+from core.study import StudySpec, hyperparameter_study, placement_study
 
 from .charts import empty_figure, study_params_scatter, study_placement_bars, study_value_lines
 from .common import download_file, error_text, error_update, fmt_duration, guarded, warn
-from .train_tab import METHOD_LABELS, benchmark_choices, spec_from_form
+from .train_tab import benchmark_choices, spec_from_form
 
 POLL_SECONDS = 5.0
 PRESET_PLACEMENT, PRESET_HYPER, PRESET_CUSTOM = "placement study", "hyperparameter study", "custom"
@@ -75,39 +76,22 @@ def parse_ints(text: Any, field: str) -> list[int]:
 
 
 def build_study(base: JobSpec, inputs: dict[str, Any]) -> StudySpec:
-    """The validated study of the widgets. ``inputs``: ``name``, ``methods``, ``seeds`` (text),
-    ``benchmarks`` (list; empty = the base job's), ``placements.<method>`` (list), ``values.<method>`` (text)."""
-    methods = list(inputs.get("methods") or [])
-    if not methods:
-        raise ConfigError("methods", "choose at least one method")
-    placements, values = {}, {}
-    for m in methods:
-        if m not in METHOD_SETTINGS:
-            raise ConfigError("methods", f"unknown method {m!r}")
-        if m in PLACEMENTS:
-            chosen = list(inputs.get(f"placements.{m}") or [])
-            if not chosen:
-                raise ConfigError(f"placements.{m}", f"choose at least one placement for {METHOD_LABELS.get(m, m)}")
-            placements[m] = chosen
-        vals = parse_ints(inputs.get(f"values.{m}"), f"values.{m}")
-        if not vals:
-            raise ConfigError(f"values.{m}", f"give at least one {VALUE_SETTING[m]} for {METHOD_LABELS.get(m, m)}")
-        if any(v < 1 for v in vals):
-            raise ConfigError(f"values.{m}", f"{VALUE_SETTING[m]} must be at least 1")
-        values[m] = sorted(dict.fromkeys(vals))
-    seeds = parse_ints(inputs.get("seeds"), "seeds")
-    if not seeds:
-        raise ConfigError("seeds", "give at least one seed, e.g. 42 or 1,2,3")
+    """The study of the widgets, checked by ``StudySpec.validate`` (errors name ``methods``,
+    ``placements.<method>``, ``values.<method>``, ``seeds``, ``eval.benchmarks``). ``inputs``: ``name``,
+    ``methods``, ``seeds`` (text), ``benchmarks`` (list; empty = the base job's), ``placements.<method>``
+    (list), ``values.<method>`` (text)."""
+    chosen = list(inputs.get("methods") or [])
+    known = [m for m in registry.all() if m.name in chosen]
+    placements = {m.name: list(inputs.get(f"placements.{m.name}") or []) for m in known if m.placements}
+    values = {m.name: sorted(dict.fromkeys(parse_ints(inputs.get(f"values.{m.name}"), f"values.{m.name}")))
+              for m in known}
+    seeds = list(dict.fromkeys(parse_ints(inputs.get("seeds"), "seeds")))
     base = JobSpec.from_dict(base.to_dict())
-    benchmarks = list(inputs.get("benchmarks") or [])
-    if benchmarks:
-        base.eval.benchmarks = benchmarks
-    if not base.eval.benchmarks:
-        raise ConfigError("benchmarks", "a study compares accuracies: pick at least one benchmark")
+    if inputs.get("benchmarks"):
+        base.eval.benchmarks = list(inputs["benchmarks"])
     name = str(inputs.get("name") or "").strip() or "study"
-    study = StudySpec(name=name, base=base, methods=methods, placements=placements, values=values,
-                      seeds=list(dict.fromkeys(seeds)))
-    return study.validate()
+    return StudySpec(name=name, base=base, methods=chosen, placements=placements, values=values,
+                     seeds=seeds).validate()
 
 
 def hidden_size(base: JobSpec) -> int:
@@ -130,12 +114,11 @@ def preset_inputs(preset: str, base: JobSpec | None = None) -> dict[str, Any]:
     else:
         return {}
     out: dict[str, Any] = {"methods": list(study.methods), "name": study.name}
-    for m in METHOD_SETTINGS:
-        default_place = {"lora": "both", "series": "mlp", "parallel": "mlp"}.get(m)
-        if m in PLACEMENTS:
-            out[f"placements.{m}"] = list(study.placements.get(m) or [default_place])
-        vals = study.values.get(m) or [getattr(METHOD_SETTINGS[m](), VALUE_SETTING[m])]
-        out[f"values.{m}"] = ",".join(map(str, vals))
+    for m in registry.all():
+        if m.placements:
+            out[f"placements.{m.name}"] = list(study.placements.get(m.name) or [m.placements.default])
+        vals = study.values.get(m.name) or [getattr(m.settings(), m.value_setting)]
+        out[f"values.{m.name}"] = ",".join(map(str, vals))
     return out
 
 
@@ -160,7 +143,7 @@ def plan_markdown(p: dict[str, Any]) -> str:
     per_method = {}
     for c in p["cells"]:
         per_method[c.method] = per_method.get(c.method, 0) + 1
-    split = " · ".join(f"{METHOD_LABELS.get(m, m)} {n}" for m, n in per_method.items())
+    split = " · ".join(f"{registry.label(m)} {n}" for m, n in per_method.items())
     return (f"**{p['num_jobs']} jobs** ({split}; {len(study.seeds)} seed(s) each) · estimated training time "
             f"**{fmt_duration(p['estimated_s']) or '?'}** · then {len(study.base.eval.benchmarks)} benchmark(s) per "
             f"job · base model `{study.base.model.name}`")
@@ -212,7 +195,7 @@ def best_markdown(best: list[dict[str, Any]]) -> str:
     if not best:
         return ""
     lines = ["| method | best configuration | accuracy % | trainable params |", "| --- | --- | ---: | ---: |"]
-    lines += [f"| {METHOD_LABELS.get(b['method'], b['method'])} | {b['config']} | {100 * b['mean']:.1f} ± "
+    lines += [f"| {registry.label(b['method'])} | {b['config']} | {100 * b['mean']:.1f} ± "
               f"{100 * b['std']:.1f} | {b['trainable_params']:,} |" for b in best]
     return "\n".join(lines)
 
@@ -388,17 +371,18 @@ def build_study_tab(service: Any, train: Any = None) -> StudyTab:
         name = gr.Textbox(value=start["name"], label="study name", scale=2)
         preset = gr.Dropdown(choices=list(PRESETS), value=PRESET_PLACEMENT, label="preset", scale=2,
                              info="the paper's grids; edit them freely")
-    methods = gr.CheckboxGroup(choices=[(METHOD_LABELS.get(m, m), m) for m in METHOD_SETTINGS],
-                               value=start["methods"], label="methods")
+    methods = gr.CheckboxGroup(choices=[(m.label, m.name) for m in registry.all()], value=start["methods"],
+                               label="methods")
     placements, values = {}, {}
     with gr.Group():
-        for m in METHOD_SETTINGS:
+        for m in registry.all():
             with gr.Row(equal_height=True):
-                if m in PLACEMENTS:
-                    placements[m] = gr.CheckboxGroup(choices=list(PLACEMENTS[m]), value=start[f"placements.{m}"],
-                                                     label=f"{METHOD_LABELS.get(m, m)} placements", scale=2)
-                values[m] = gr.Textbox(value=start[f"values.{m}"], label=f"{METHOD_LABELS.get(m, m)} values "
-                                       f"({VALUE_SETTING[m]})", info="e.g. 4,8,16,32", scale=2)
+                if m.placements:
+                    placements[m.name] = gr.CheckboxGroup(choices=list(m.placements.options), scale=2,
+                                                          value=start[f"placements.{m.name}"],
+                                                          label=f"{m.label} placements")
+                values[m.name] = gr.Textbox(value=start[f"values.{m.name}"], label=f"{m.label} values "
+                                            f"({m.value_setting})", info="e.g. 4,8,16,32", scale=2)
     with gr.Row(equal_height=True):
         seeds = gr.Textbox(value="42", label="seeds", info="42 or 1,2,3: each configuration trains once per seed",
                            scale=1)

@@ -30,11 +30,11 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 MAX_TEXT = 4096  # characters in a name, a path, a hub id
-MAX_PROMPT_TEXT = 2000  # characters of prompt-tuning init text
 MAX_BENCHMARKS = 50
 MAX_LAYER = 4096  # no model has more layers; bounds "0-N" selections before they are expanded
 MAX_COUNT = 10**9  # steps, rows: far beyond any job, far below int64
@@ -330,99 +330,46 @@ def _dump_json(data: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Adapter methods: one small dataclass each.
+# Adapter methods. Each method's settings dataclass is declared with its record in its family's file
+# (core/adapters/); config reaches them through the registry (core.methods) inside functions only,
+# so importing this module stays free of torch.
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-PLACEMENTS = ("attn", "mlp", "both")
-NON_LINEARITIES = ("tanh", "relu", "gelu", "silu")
-
-
-@dataclass
-class LoraSettings(Settings):
-    """LoRA: W x + (alpha / r) * B A x, with A (r x in) random and B (out x r) zero at start."""
-
-    r: int = setting(32, "rank of the low-rank update", min=1, max=4096, integer=True)
-    alpha: float = setting(64.0, "scaling numerator: the update is multiplied by alpha / r",
-                           min=1e-6, max=65536.0)
-    dropout: float = setting(0.05, "dropout on the LoRA input", min=0.0, max=0.99)
-    targets: list[str] = setting(["q", "k", "v", "up", "down"], "roles of the linear layers to adapt",
-                                 choices=ROLES)
-
-    def check(self) -> None:
-        if not self.targets:
-            raise ConfigError("targets", "name at least one role")
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")  # the linear layers of a decoder layer an adapter can name
+DEFAULT_METHOD = "lora"
 
 
-@dataclass
-class SeriesSettings(Settings):
-    """Series (bottleneck) adapter after a block: h + up(act(down(h))), up zero-initialised."""
+class _RegistryView(Mapping):
+    """A read-only mapping computed from the method registry on every access (so a method registered
+    later appears in it too)."""
 
-    bottleneck: int = setting(256, "bottleneck width", min=1, max=65536, integer=True)
-    non_linearity: str = setting("tanh", "activation inside the bottleneck", choices=NON_LINEARITIES)
-    dropout: float = setting(0.0, "dropout on the adapter input", min=0.0, max=0.99)
-    placement: str = setting("mlp", "after attention (attn), after the MLP (mlp) or both (AdapterH)",
-                             choices=PLACEMENTS)
+    def __init__(self, items: Any, doc: str):
+        self._items = items
+        self.__doc__ = doc
 
+    def _mapping(self) -> dict[str, Any]:
+        from . import methods
 
-@dataclass
-class ParallelSettings(Settings):
-    """Parallel adapter beside a block: block(x) + s * up(act(down(x))); s fixed or learned."""
+        return self._items(methods.all())
 
-    bottleneck: int = setting(256, "bottleneck width", min=1, max=65536, integer=True)
-    scale: Any = setting(1.0, "output scale: a number, or 'learned' (Scaled Parallel)",
-                         choices=("learned",), number_ok=True, min=-1000.0, max=1000.0)
-    non_linearity: str = setting("relu", "activation inside the bottleneck", choices=NON_LINEARITIES)
-    dropout: float = setting(0.0, "dropout on the adapter input", min=0.0, max=0.99)
-    placement: str = setting("mlp", "beside attention (attn), the MLP (mlp) or both", choices=PLACEMENTS)
+    def __getitem__(self, key: str) -> Any:
+        return self._mapping()[key]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping())
 
-@dataclass
-class PrefixSettings(Settings):
-    """Prefix tuning: trainable keys/values prepended in every attention layer."""
+    def __len__(self) -> int:
+        return len(self._mapping())
 
-    num_virtual_tokens: int = setting(10, "number of prefix positions", min=1, max=512, integer=True)
-    reparam_hidden: int = setting(512, "hidden size of the MLP reparameterisation (0 = none)",
-                                  min=0, max=65536, integer=True)
+    def __repr__(self) -> str:
+        return repr(self._mapping())
 
 
-@dataclass
-class PromptSettings(Settings):
-    """Prompt tuning: trainable soft-prompt embeddings prepended to the input."""
-
-    num_virtual_tokens: int = setting(10, "number of soft-prompt tokens", min=1, max=512, integer=True)
-    init: str = setting("text", "initialise from the embeddings of init_text, or random",
-                        choices=("text", "random"))
-    init_text: str = setting("Solve the following math problem step by step.",
-                             "text whose token embeddings initialise the prompt", max_len=MAX_PROMPT_TEXT)
-
-
-@dataclass
-class PTuningSettings(Settings):
-    """P-tuning: virtual-token embeddings produced by a prompt encoder (MLP or LSTM)."""
-
-    num_virtual_tokens: int = setting(10, "number of virtual tokens", min=1, max=512, integer=True)
-    encoder: str = setting("mlp", "prompt encoder", choices=("mlp", "lstm"))
-    encoder_hidden: int = setting(256, "hidden size of the prompt encoder", min=1, max=65536, integer=True)
-
-
-METHOD_SETTINGS: dict[str, type[Settings]] = {
-    "lora": LoraSettings,
-    "series": SeriesSettings,
-    "parallel": ParallelSettings,
-    "prefix": PrefixSettings,
-    "prompt": PromptSettings,
-    "ptuning": PTuningSettings,
-}
-
-# The paper's names for its configurations.
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "LoRA": ("lora", {}),
-    "AdapterH": ("series", {"placement": "both"}),
-    "AdapterP": ("series", {"placement": "mlp"}),
-    "Parallel": ("parallel", {}),
-    "Scaled_Parallel": ("parallel", {"scale": "learned"}),
-    "Prefix": ("prefix", {}),
-}
+METHOD_SETTINGS: Mapping[str, type[Settings]] = _RegistryView(
+    lambda ms: {m.name: m.settings for m in ms}, "Method name -> its settings dataclass, from the registry.")
+# The paper's names for its configurations, declared by each method's record.
+PRESETS: Mapping[str, tuple[str, dict[str, Any]]] = _RegistryView(
+    lambda ms: {p: (m.name, dict(v)) for m in ms for p, v in m.presets.items()},
+    "Preset name (AdapterH, LoRA, ...) -> (method, settings overrides), from the registry.")
 
 
 _LAYER_PART = re.compile(r"(-?[0-9]+)(?:-(-?[0-9]+))?")
@@ -483,11 +430,11 @@ def _layer_index(given: str | int) -> int:
     return index
 
 
-def _settings_class(method: Any) -> type[Settings]:
-    """The settings dataclass of ``method``; ``ConfigError('method')`` for anything else."""
-    if not (isinstance(method, str) and method in METHOD_SETTINGS):
-        raise ConfigError("method", f"unknown method {_show(method)}; known: {', '.join(METHOD_SETTINGS)}")
-    return METHOD_SETTINGS[method]
+def _method(name: Any) -> Any:
+    """The registry's record of method ``name``; ``ConfigError('method')`` for anything else."""
+    from . import methods
+
+    return methods.get(name)
 
 
 ARCH_KEYS = ("layers", "roles", "fused_layout", "backbone")
@@ -528,17 +475,19 @@ class AdapterConfig:
     (``settings=None`` in Python, no ``"settings"`` key in JSON) are the method's defaults.
     """
 
-    method: str = "lora"
+    method: str = DEFAULT_METHOD
     layers: Any = "all"
     settings: Settings | None = None
     arch: dict | None = None  # a hand-written architecture row for models not in core.arch's table
 
     def __post_init__(self) -> None:
         if self.settings is None or isinstance(self.settings, dict):
-            if isinstance(self.method, str) and self.method in METHOD_SETTINGS:
-                self.settings = METHOD_SETTINGS[self.method].from_dict(self.settings)
+            from . import methods
+
+            if isinstance(self.method, str) and self.method in methods.names():
+                self.settings = _method(self.method).settings.from_dict(self.settings)
             elif self.settings is not None:
-                _settings_class(self.method)  # raises: dict settings of an unknown method
+                _method(self.method)  # raises: dict settings of an unknown method
             # else: an unknown method without settings; validate() names the method
 
     @classmethod
@@ -547,21 +496,21 @@ class AdapterConfig:
         if not (isinstance(name, str) and name in PRESETS):
             raise ConfigError("preset", f"unknown preset {_show(name)}; known: {', '.join(PRESETS)}")
         method, values = PRESETS[name]
-        return cls(method=method, settings=METHOD_SETTINGS[method](**{**values, **overrides}))
+        return cls(method=method, settings=_method(method).settings(**{**values, **overrides}))
 
     @classmethod
     def for_method(cls, method: str, layers: Any = "all", **settings: Any) -> "AdapterConfig":
-        return cls(method=method, layers=layers, settings=_settings_class(method).from_dict(settings))
+        return cls(method=method, layers=layers, settings=_method(method).settings.from_dict(settings))
 
     def validate(self, num_layers: int | None = None) -> "AdapterConfig":
-        cls = _settings_class(self.method)
-        if not isinstance(self.settings, cls):
-            raise ConfigError("settings", f"method {self.method!r} takes {cls.__name__}, "
+        method = _method(self.method)
+        if not isinstance(self.settings, method.settings):
+            raise ConfigError("settings", f"method {self.method!r} takes {method.settings.__name__}, "
                                           f"got {type(self.settings).__name__}")
         self.settings.validate()
         parse_layers(self.layers, num_layers)
-        if self.method in ("prompt", "ptuning") and parse_layers(self.layers) is not None:
-            raise ConfigError("layers", f"{self.method} acts on the input embeddings; use 'all'")
+        if method.all_layers_only and parse_layers(self.layers) is not None:
+            raise ConfigError("layers", f"{method.label} acts on every layer at once; use 'all'")
         _check_arch(self.arch)
         return self
 
@@ -578,11 +527,11 @@ class AdapterConfig:
         if not isinstance(data, dict):
             raise ConfigError("adapter", f"must be a JSON object (got {_show(data)})")
         _refuse_unknown(data, ("method", "layers", "settings", "arch"), "key of adapter")
-        settings_cls = _settings_class(data.get("method", "lora"))
+        settings_cls = _method(data.get("method", DEFAULT_METHOD)).settings
         settings = data.get("settings", {})
         if not isinstance(settings, dict):
             raise ConfigError("settings", f"must be a JSON object (got {_show(settings)})")
-        return cls(method=data.get("method", "lora"), layers=_plain(data.get("layers", "all")),
+        return cls(method=data.get("method", DEFAULT_METHOD), layers=_plain(data.get("layers", "all")),
                    settings=settings_cls.from_dict(settings), arch=data.get("arch"))
 
     def to_json(self) -> str:

@@ -1,10 +1,12 @@
 """Studies: the LLM-Adapters empirical study as one action — a grid of adapters, placements and values.
 
 A study is a base ``JobSpec`` (model, data, training and evaluation settings) and a grid: methods x
-placements x hyperparameter values x seeds. ``expand`` turns it into one ``JobSpec`` per cell, each
-labelled with its coordinates; ``analyse`` turns per-cell results (accuracy and per-question
-correctness) into the paper's tables, with a McNemar test of the best configuration against the
-runner-up. Pure functions: the jobs layer stores and runs the cells.
+placements x hyperparameter values x seeds; what each method offers a study (its placements, the setting
+its value axis varies, the paper's sweep) is declared by its record in the registry (``core.methods``).
+``expand`` turns a study into one ``JobSpec`` per cell, each labelled with its coordinates; ``analyse``
+turns per-cell results (accuracy and per-question correctness) into the paper's tables, with a McNemar
+test of the best configuration against the runner-up. Pure functions: the jobs layer stores and runs
+the cells.
 """
 
 from __future__ import annotations
@@ -16,43 +18,57 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import METHOD_SETTINGS, AdapterConfig, ConfigError, JobSpec, parse_json
+from . import methods
+from .config import AdapterConfig, ConfigError, JobSpec, parse_json
 
-# Where each method can sit, in the paper's terms. LoRA placements are sets of target roles.
-PLACEMENTS: dict[str, dict[str, dict[str, Any]]] = {
-    "lora": {"attn": {"targets": ["q", "k", "v", "o"]}, "mlp": {"targets": ["up", "down"]},
-             "both": {"targets": ["q", "k", "v", "o", "up", "down"]}},
-    "series": {p: {"placement": p} for p in ("attn", "mlp", "both")},
-    "parallel": {p: {"placement": p} for p in ("attn", "mlp", "both")},
-}
-# The hyperparameter each method's value axis varies.
-VALUE_SETTING = {"lora": "r", "series": "bottleneck", "parallel": "bottleneck", "prefix": "num_virtual_tokens",
-                 "prompt": "num_virtual_tokens", "ptuning": "num_virtual_tokens"}
+
+def default_methods() -> list[str]:
+    """The methods a study compares when it names none: those with a placement axis (LoRA, series, parallel)."""
+    return [m.name for m in methods.all() if m.placements]
 
 
 @dataclass
 class StudySpec:
-    """A grid over a base job. Empty ``placements``/``values`` lists mean the method's defaults."""
+    """A grid over a base job. A method left out of ``placements``/``values`` gets its default placement
+    and value; a method given an empty list there is an error (it would silently mean the default)."""
 
     name: str = "study"
     base: JobSpec = field(default_factory=JobSpec)
-    methods: list[str] = field(default_factory=lambda: ["lora", "series", "parallel"])
+    methods: list[str] = field(default_factory=default_methods)
     placements: dict[str, list[str]] = field(default_factory=dict)
     values: dict[str, list[Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [42])
 
     def validate(self) -> "StudySpec":
+        """Check the grid and every cell's job spec; ``ConfigError`` naming the field (``placements.lora``,
+        ``values.series``: the axis of one method)."""
         self.base.validate()
         if not self.methods:
             raise ConfigError("methods", "choose at least one method")
-        for m in self.methods:
-            if m not in METHOD_SETTINGS:
-                raise ConfigError("methods", f"unknown method {m!r}; known: {', '.join(METHOD_SETTINGS)}")
+        known = methods.names()
+        for m in [*self.methods, *self.placements, *self.values]:
+            if m not in known:
+                field_name = "methods" if m in self.methods else "placements" if m in self.placements else "values"
+                raise ConfigError(field_name, f"unknown method {m!r}; known: {', '.join(known)}")
         for m, places in self.placements.items():
+            method = methods.get(m)
+            options = method.placements.options if method.placements else {}
             for p in places:
-                if p not in PLACEMENTS.get(m, {}):
-                    raise ConfigError("placements", f"{m} has no placement {p!r}; "
-                                                    f"it has {', '.join(PLACEMENTS.get(m, {})) or 'none'}")
+                if p not in options:
+                    raise ConfigError(f"placements.{m}", f"{m} has no placement {p!r}; "
+                                                         f"it has {', '.join(options) or 'none'}")
+            if not options:
+                raise ConfigError(f"placements.{m}", f"{method.label} has no placements; leave {m} out of them")
+            if not places:
+                raise ConfigError(f"placements.{m}", f"choose at least one placement for {method.label}, or "
+                                                     f"leave {m} out of placements for its default "
+                                                     f"({method.placements.default})")
+        for m, values in self.values.items():
+            method = methods.get(m)
+            if not values:
+                default = getattr(method.settings(), method.value_setting)
+                raise ConfigError(f"values.{m}", f"give at least one {method.value_setting} for {method.label}, or "
+                                                 f"leave {m} out of values for its default ({default})")
         if not self.seeds:
             raise ConfigError("seeds", "give at least one seed")
         if not self.base.eval.benchmarks:
@@ -60,7 +76,12 @@ class StudySpec:
         if self.size() > MAX_CELLS:
             raise ConfigError("values", f"the grid has {self.size():,} cells; a study has at most {MAX_CELLS:,}")
         for cell in expand(self):
-            cell.spec.validate()
+            try:
+                cell.spec.validate()
+            except ConfigError as err:
+                if err.field == f"adapter.{cell.setting}":  # a value of the axis: name the axis
+                    raise ConfigError(f"values.{cell.method}", f"{cell.setting}={cell.value}: {err.message}") from None
+                raise
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,7 +113,7 @@ class StudySpec:
         except ConfigError as err:
             raise err.within("base") from None
         return cls(name=name, base=base,
-                   methods=_texts(data.get("methods", ["lora", "series", "parallel"]), "methods"),
+                   methods=_texts(data["methods"], "methods") if "methods" in data else default_methods(),
                    placements=_lists_by_method(data.get("placements", {}), "placements", _texts),
                    values=_lists_by_method(data.get("values", {}), "values", _numbers),
                    seeds=_seeds(data.get("seeds", [42])))
@@ -131,9 +152,10 @@ def _lists_by_method(value: Any, field: str, items: Any) -> dict[str, list[Any]]
     if not isinstance(value, dict):
         raise ConfigError(field, f"expected an object from method to a list (got {str(value)[:60]!r})")
     out = {}
+    known = methods.names()
     for method, entries in value.items():
-        if method not in METHOD_SETTINGS:
-            raise ConfigError(field, f"unknown method {str(method)[:40]!r}; known: {', '.join(METHOD_SETTINGS)}")
+        if method not in known:
+            raise ConfigError(field, f"unknown method {str(method)[:40]!r}; known: {', '.join(known)}")
         out[method] = items(entries, f"{field}.{method}")
     return out
 
@@ -173,44 +195,39 @@ class Cell:
 def expand(study: StudySpec) -> list[Cell]:
     """Every cell of the grid, as a job spec built from the base."""
     cells = []
-    for method in study.methods:
-        setting = VALUE_SETTING[method]
-        default = METHOD_SETTINGS[method]()
-        places = study.placements.get(method) or ([_default_placement(method)] if method in PLACEMENTS else [None])
-        values = study.values.get(method) or [getattr(default, setting)]
+    for name in study.methods:
+        method = methods.get(name)
+        setting, axis = method.value_setting, method.placements
+        places = study.placements.get(name) or ([axis.default] if axis else [None])
+        values = study.values.get(name) or [getattr(method.settings(), setting)]
         for place in places:
             for value in values:
                 for seed in study.seeds:
                     spec = copy.deepcopy(study.base)
-                    overrides = {setting: value, **(PLACEMENTS[method][place] if place else {})}
-                    if method == "prompt":
-                        overrides.setdefault("init", "text")
-                    spec.adapter = AdapterConfig.for_method(method, layers=study.base.adapter.layers
-                                                            if study.base.adapter.method == method else "all",
+                    overrides = {setting: value, **(axis.options[place] if place else {})}
+                    spec.adapter = AdapterConfig.for_method(name, layers=study.base.adapter.layers
+                                                            if study.base.adapter.method == name else "all",
                                                             **overrides)
                     spec.train.seed = seed
-                    spec.name = f"{study.name}: {method}{' @' + place if place else ''} {setting}={value} seed {seed}"
-                    cells.append(Cell(method, place, setting, value, seed, spec))
+                    spec.name = f"{study.name}: {name}{' @' + place if place else ''} {setting}={value} seed {seed}"
+                    cells.append(Cell(name, place, setting, value, seed, spec))
     return cells
 
 
-def _default_placement(method: str) -> str:
-    return {"lora": "both", "series": "mlp", "parallel": "mlp"}[method]
-
-
 def placement_study(base: JobSpec, name: str = "placement study") -> StudySpec:
-    """The paper's placement grid: series / parallel after attention, MLP, both; LoRA on attn, MLP, both."""
-    return StudySpec(name=name, base=base, methods=["series", "parallel", "lora"],
-                     placements={m: ["attn", "mlp", "both"] for m in ("series", "parallel", "lora")})
+    """The paper's placement grid: every method with a placement axis at each of its placements (series /
+    parallel after or beside attention, the MLP or both; LoRA on attention, MLP or both)."""
+    placed = [m for m in methods.all() if m.placements]
+    return StudySpec(name=name, base=base, methods=[m.name for m in placed],
+                     placements={m.name: list(m.placements.options) for m in placed})
 
 
 def hyperparameter_study(base: JobSpec, hidden_size: int, name: str = "hyperparameter study") -> StudySpec:
-    """The paper's value grid, scaled to the model: LoRA rank 4..32, bottleneck up to half the hidden
-    size (64..256 on a 7B model), virtual tokens 10..40."""
-    top = max(8, min(256, hidden_size // 2))
-    bottlenecks = sorted({max(4, top // 4), max(4, top // 2), top})
-    return StudySpec(name=name, base=base, methods=["lora", "series", "prefix"],
-                     values={"lora": [4, 8, 16, 32], "series": bottlenecks, "prefix": [10, 20, 30, 40]})
+    """The paper's value grid, scaled to the model, over the methods that declare a sweep (LoRA rank 4..32,
+    bottleneck up to half the hidden size, virtual tokens 10..40)."""
+    swept = [m for m in methods.all() if m.sweep]
+    return StudySpec(name=name, base=base, methods=[m.name for m in swept],
+                     values={m.name: list(m.sweep(hidden_size)) for m in swept})
 
 
 def estimate_seconds(num_cells: int, train_tokens: int, epochs: float, max_steps: int, batch_size: int,

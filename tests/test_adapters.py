@@ -1,4 +1,9 @@
-"""Contracts of the adapter engine: every method on every architecture in the table."""
+"""Contracts of the adapter engine: every registered method on every architecture in the table.
+
+The rows come from the method registry (``core.methods``) and ``core.arch.ARCHITECTURES``: a new method
+or a new architecture row is tested without an edit here, and a row without a tiny config in
+``tests/tiny.py`` fails.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,34 @@ import torch
 from safetensors.torch import load_file
 
 import core
-from core import AdapterConfig, ConfigError
-from core.adapters import LoraLinear
-from tests.tiny import ARCHS, tiny_model, toy_batch
+from core import AdapterConfig, ConfigError, methods
+from core.adapters.lora import LoraLinear, LoraSettings
+from core.arch import ARCHITECTURES
+from tests.tiny import CONFIGS, tiny_model, toy_batch
 
-METHODS = {
-    "lora": {},
+# Smaller than the defaults, for speed (and prompt tuning without a tokenizer); a method not listed
+# here is tested with its defaults.
+TINY_SETTINGS = {
     "series": {"bottleneck": 16},
     "parallel": {"bottleneck": 16},
     "prefix": {"num_virtual_tokens": 4, "reparam_hidden": 16},
     "prompt": {"num_virtual_tokens": 4, "init": "random"},
     "ptuning": {"num_virtual_tokens": 4, "encoder_hidden": 16},
 }
-ZERO_INIT = ("lora", "series", "parallel")
+ARCHS = list(ARCHITECTURES)
+METHODS = methods.names()
 CASES = [(a, m) for a in ARCHS for m in METHODS]
+MERGING = [m.name for m in methods.all() if m.merges]
 
 
 def adapted(arch: str, method: str, **overrides):
     model = tiny_model(arch)
-    return core.attach(model, AdapterConfig.for_method(method, **{**METHODS[method], **overrides}))
+    return core.attach(model, AdapterConfig.for_method(method, **{**TINY_SETTINGS.get(method, {}), **overrides}))
+
+
+def test_every_architecture_row_has_a_tiny_config():
+    missing = sorted(set(ARCHITECTURES) - set(CONFIGS))
+    assert not missing, f"tests/tiny.py has no tiny config for {missing}: add one per row of core.arch"
 
 
 def logits(model, batch):
@@ -58,7 +72,7 @@ def test_init_matches_base_and_disable_is_exact(arch, method):
     model = adapted(arch, method)
     out = logits(model, batch)
     assert out.shape == base.shape  # virtual tokens never appear in the logits
-    if method in ZERO_INIT:
+    if methods.get(method).identity_at_init:
         torch.testing.assert_close(out, base, atol=1e-5, rtol=0)
     else:
         assert (out - base).abs().max() > 1e-4  # virtual tokens do change the answer
@@ -102,10 +116,10 @@ def test_save_load_roundtrip_and_generate(arch, method, tmp_path):
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_lora_merge_unmerge(arch):
+@pytest.mark.parametrize("arch,method", [(a, m) for a in ARCHS for m in MERGING])
+def test_merge_unmerge(arch, method):
     batch = toy_batch()
-    model = adapted(arch, "lora")
+    model = adapted(arch, method)
     train_steps(model, batch, steps=5)
     weights = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     unmerged = logits(model, batch)
@@ -123,7 +137,7 @@ def test_lora_merge_unmerge(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_peft_export_reproduces_merged_weights(arch, tmp_path):
+def test_lora_peft_export_reproduces_merged_weights(arch, tmp_path):
     model = adapted(arch, "lora", targets=["q", "k", "v", "o", "up", "down"])
     train_steps(model, toy_batch(), steps=2)
     core.export_peft(model, tmp_path)
@@ -208,7 +222,8 @@ def test_presets():
 
 def test_config_json_roundtrip():
     for method in METHODS:
-        cfg = AdapterConfig.for_method(method, layers="0-1", **METHODS[method])
+        layers = "all" if methods.get(method).all_layers_only else "0-1"
+        cfg = AdapterConfig.for_method(method, layers=layers, **TINY_SETTINGS.get(method, {}))
         again = AdapterConfig.from_json(cfg.to_json())
         assert again == cfg
 
@@ -252,7 +267,7 @@ def test_unknown_architecture_lists_layers_then_works_by_hand():
         core.attach(model, AdapterConfig())
     assert "self_attn.q_proj" in str(err.value) and "model.layers" in str(err.value)
     cfg = AdapterConfig(arch={"layers": "model.layers", "roles": {"q": "self_attn.q_proj", "v": "self_attn.v_proj"}},
-                        settings=core.config.LoraSettings(targets=["q", "v"]))
+                        settings=LoraSettings(targets=["q", "v"]))
     core.attach(model, cfg)
     assert core.trainable_report(model)["modules"] == 4
     losses = train_steps(model, toy_batch(), steps=10)
@@ -270,9 +285,36 @@ def test_attach_twice_is_refused_and_detach_restores():
     assert not core.inject.adapters_of(model)
 
 
-def test_merge_refused_for_non_lora():
-    with pytest.raises(ConfigError, match="LoRA only"):
-        core.merge_adapter(adapted("llama", "series"))
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_and_exports_are_refused_where_the_method_has_none(method, tmp_path):
+    record = methods.get(method)
+    model = adapted("llama", method)
+    if not record.merges:
+        for act in (core.merge_adapter, core.unmerge_adapter, lambda m: core.export_merged(m, tmp_path / "merged")):
+            with pytest.raises(ConfigError, match=f"{record.label} cannot merge") as err:
+                act(model)
+            assert err.value.field == "method"
+    if record.peft is None:
+        with pytest.raises(ConfigError, match=f"{record.label} has no PEFT layout"):
+            core.export_peft(model, tmp_path / "peft")
+    else:
+        core.export_peft(model, tmp_path / "peft")
+        assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert set(record.exports) == ({"peft"} if record.peft else set()) | (
+        {"merged"} if record.merges else set())
+
+
+@pytest.mark.parametrize("arch,targets", [("llama", ["q", "v", "down"]), ("gpt2", ["q", "v", "up"]),
+                                          ("bloom", ["k", "o"])])
+def test_lora_factors_give_the_delta(arch, targets):
+    """``lora_factors`` (what exports read) is one LoRA of the whole layer: ``scaling * B @ A == delta_weight``."""
+    model = adapted(arch, "lora", targets=targets)
+    for a in core.inject.adapters_of(model):
+        for B in a.lora_B:
+            torch.nn.init.normal_(B)  # B starts at zero; make the update matter
+        A, B = a.lora_factors()
+        assert A.shape[0] == a.r * max(1, len(a.roles))
+        torch.testing.assert_close(a.scaling * B @ A, a.delta_weight(), atol=1e-6, rtol=0)
 
 
 def test_model_loss_ignores_virtual_tokens():
@@ -288,11 +330,12 @@ def test_model_loss_ignores_virtual_tokens():
     torch.testing.assert_close(out.loss, manual, atol=1e-5, rtol=0)
 
 
-def test_merged_export_is_a_plain_checkpoint(tmp_path):
+@pytest.mark.parametrize("method", MERGING)
+def test_merged_export_is_a_plain_checkpoint(method, tmp_path):
     from transformers import AutoModelForCausalLM
 
     batch = toy_batch()
-    model = adapted("llama", "lora")
+    model = adapted("llama", method)
     train_steps(model, batch, steps=3)
     expected = logits(model, batch)
     core.export_merged(model, tmp_path)

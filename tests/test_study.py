@@ -37,7 +37,11 @@ def test_presets_scale_to_the_model():
 
 @pytest.mark.parametrize("change,field", [
     ({"methods": ["magic"]}, "methods"),
-    ({"placements": {"series": ["sideways"]}}, "placements"),
+    ({"placements": {"series": ["sideways"]}}, "placements.series"),
+    ({"placements": {"series": []}}, "placements.series"),  # empty is not "the default": leave it out
+    ({"methods": ["prefix"], "placements": {"prefix": ["attn"]}}, "placements.prefix"),  # it has none
+    ({"values": {"lora": []}}, "values.lora"),
+    ({"values": {"lora": [0, 4]}}, "values.lora"),  # r=0: the cell's error, named by its axis
     ({"seeds": []}, "seeds"),
 ])
 def test_invalid_studies_name_the_field(change, field):

@@ -67,6 +67,7 @@ def test_plan_shows_the_grid_size_and_submits_nothing(service, base_job):
 
 @pytest.mark.parametrize("over, field", [
     ({"values.lora": "abc"}, "values.lora"),
+    ({"values.lora": "0,4"}, "values.lora"),
     ({"values.series": ""}, "values.series"),
     ({"seeds": ""}, "seeds"),
     ({"seeds": "1,x"}, "seeds"),
@@ -86,12 +87,12 @@ def test_invalid_input_names_the_field_and_submits_nothing(service, base_job, ov
 def test_a_study_needs_benchmarks(service):
     err, _ = study_tab.plan(service, {"base": "default", "methods": ["lora"], "placements.lora": ["both"],
                                       "values.lora": "4", "seeds": "42", "benchmarks": []})
-    assert "**benchmarks**" in _error(err)
+    assert "**eval.benchmarks**" in _error(err)  # StudySpec.validate's own field name: one study validation
 
 
 def test_presets_fill_the_grid(tiny_model_dir):
     p = study_tab.preset_inputs(study_tab.PRESET_PLACEMENT)
-    assert p["methods"] == ["series", "parallel", "lora"] and p["placements.lora"] == ["attn", "mlp", "both"]
+    assert p["methods"] == ["lora", "series", "parallel"] and p["placements.lora"] == ["attn", "mlp", "both"]
     base = JobSpec()
     base.model.name = str(tiny_model_dir)
     h = study_tab.preset_inputs(study_tab.PRESET_HYPER, base)

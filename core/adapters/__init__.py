@@ -1,8 +1,12 @@
-"""Adapter modules, one file per family."""
+"""Adapter modules, one file per family; each file also declares and registers its methods.
+
+``core.methods`` imports this package on first use, so the order of the imports below is the order of
+the methods in the registry (and in the UI): LoRA; series, parallel; prefix, prompt, P-tuning.
+"""
 
 from .base import AdapterModule
-from .bottleneck import ParallelAdapter, SeriesAdapter
 from .lora import LoraLinear
+from .bottleneck import ParallelAdapter, SeriesAdapter
 from .prompt import PrefixTuning, PromptTuning, PTuning, VirtualTokens
 
 __all__ = ["AdapterModule", "LoraLinear", "SeriesAdapter", "ParallelAdapter", "VirtualTokens",

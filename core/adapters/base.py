@@ -1,12 +1,16 @@
-"""What every adapter module shares: an on/off switch and the parameters it owns."""
+"""What every adapter module shares: an on/off switch, the parameters it owns, the merge protocol; and
+the helpers builders use to find the modules they adapt."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from torch import nn
+
+from ..arch import ArchSpec, get_layers
 
 
 class AdapterModule(nn.Module):
@@ -14,9 +18,33 @@ class AdapterModule(nn.Module):
 
     ``adapter_params()`` yields the trainable parameters this adapter owns: everything but ``base``.
     Setting ``enabled = False`` makes the module behave exactly like what it wraps.
+
+    Merge protocol, for adapters whose update is a weight delta (``mergeable = True``; the method's
+    record says ``merges=True``): ``merge()`` folds the update into the base weight and ``unmerge()``
+    restores the exact weight (both repeat-safe, ``merged`` tells which state it is in);
+    ``fold()`` merges for good and returns the base module to put back (the adapter is spent);
+    ``delta_weight()`` is the dense update. Model-level adapters (built at path ``""``) implement
+    ``install(backbone)`` instead of wrapping a module.
     """
 
     enabled: bool = True
+    mergeable: bool = False
+    merged: bool = False
+
+    def merge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot merge into the base weights")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot merge into the base weights")
+
+    def fold(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} cannot merge into the base weights")
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no dense weight update")
+
+    def install(self, backbone: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} wraps a module; it is not installed on the model")
 
     def adapter_params(self) -> Iterator[nn.Parameter]:
         base = getattr(self, "base", None)
@@ -34,6 +62,36 @@ class AdapterModule(nn.Module):
     def detach(self) -> nn.Module | None:
         """Remove hooks this adapter installed; return the module to put back in its place (or None)."""
         return getattr(self, "base", None)
+
+
+@dataclass
+class Site:
+    """One place to adapt: ``path`` (from the model root) of a module, in decoder layer ``layer``."""
+
+    layer: int
+    role: str
+    path: str
+
+
+def sites(model: nn.Module, spec: ArchSpec, roles: list[str], layers: list[int] | None) -> list[Site]:
+    """The modules playing ``roles`` in the chosen ``layers`` (None: every layer), layer by layer."""
+    n = len(get_layers(model, spec))
+    picked = range(n) if layers is None else layers
+    return [Site(i, role, f"{spec.layers}.{i}.{spec.roles[role]}") for i in picked for role in roles]
+
+
+def block_points(spec: ArchSpec, placement: str) -> list[tuple[str, str]]:
+    """(entry role, exit role) of the blocks a placement names: ``attn``, ``mlp`` or ``both``."""
+    entry_attn = "q" if "q" in spec.roles else "qkv"
+    points = {"attn": [(entry_attn, "o")], "mlp": [("up", "down")]}
+    points["both"] = points["attn"] + points["mlp"]
+    return points[placement]
+
+
+def available_roles(spec: ArchSpec) -> list[str]:
+    """The roles an adapter can name on this architecture (q, k, v stand for the parts of a fused qkv)."""
+    roles = [r for r in spec.roles if r != "qkv"]
+    return (["q", "k", "v"] if spec.fused else []) + roles
 
 
 def make_dropout(p: float) -> nn.Module:

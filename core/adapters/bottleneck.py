@@ -8,15 +8,22 @@
 Both wrap the module whose output leaves the block (``o`` or ``down``); the parallel adapter reads the
 block's input from the module that enters it (``q``/``qkv`` or ``up``) through a forward pre-hook, so
 no architecture needs its own block class.
+
+The end of the file declares the two methods: settings, builders, drawings and records.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
-from ..arch import in_out_features
-from .base import AdapterModule, make_dropout
+from ..arch import ArchSpec, in_out_features
+from ..config import AdapterConfig, Settings, setting
+from ..methods import Box, Drawing, Method, Placements, register
+from .base import AdapterModule, block_points, make_dropout, sites
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -91,3 +98,94 @@ class ParallelAdapter(AdapterModule):
     def detach(self) -> nn.Module:
         self._hook.remove()
         return self.base
+
+
+# --------------------------------------------------------------------------------------------------
+# The methods: settings, builders, drawings, records.
+
+PLACEMENTS = ("attn", "mlp", "both")
+BLOCKS = {"attn": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp")}
+
+
+@dataclass
+class SeriesSettings(Settings):
+    """Series (bottleneck) adapter after a block: h + up(act(down(h))), up zero-initialised."""
+
+    bottleneck: int = setting(256, "bottleneck width", min=1, max=65536, integer=True)
+    non_linearity: str = setting("tanh", "activation inside the bottleneck", choices=tuple(ACTIVATIONS))
+    dropout: float = setting(0.0, "dropout on the adapter input", min=0.0, max=0.99)
+    placement: str = setting("mlp", "after attention (attn), after the MLP (mlp) or both (AdapterH)",
+                             choices=PLACEMENTS)
+
+
+@dataclass
+class ParallelSettings(Settings):
+    """Parallel adapter beside a block: block(x) + s * up(act(down(x))); s fixed or learned."""
+
+    bottleneck: int = setting(256, "bottleneck width", min=1, max=65536, integer=True)
+    scale: Any = setting(1.0, "output scale: a number, or 'learned' (Scaled Parallel)",
+                         choices=("learned",), number_ok=True, min=-1000.0, max=1000.0)
+    non_linearity: str = setting("relu", "activation inside the bottleneck", choices=tuple(ACTIVATIONS))
+    dropout: float = setting(0.0, "dropout on the adapter input", min=0.0, max=0.99)
+    placement: str = setting("mlp", "beside attention (attn), the MLP (mlp) or both", choices=PLACEMENTS)
+
+
+def build_series(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: list[int] | None,
+                 tokenizer: Any) -> dict[str, AdapterModule]:
+    """A ``SeriesAdapter`` around the module leaving each placed block (``o``, ``down``)."""
+    s: SeriesSettings = cfg.settings
+    exits = [exit for _, exit in block_points(spec, s.placement)]
+    return {site.path: SeriesAdapter(model.get_submodule(site.path), s.bottleneck, s.non_linearity, s.dropout)
+            for site in sites(model, spec, exits, layers)}
+
+
+def build_parallel(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: list[int] | None,
+                   tokenizer: Any) -> dict[str, AdapterModule]:
+    """A ``ParallelAdapter`` around each placed block's exit, reading the input of its entry."""
+    s: ParallelSettings = cfg.settings
+    built = {}
+    for entry, exit in block_points(spec, s.placement):
+        for e, x in zip(sites(model, spec, [entry], layers), sites(model, spec, [exit], layers)):
+            built[x.path] = ParallelAdapter(model.get_submodule(x.path), model.get_submodule(e.path),
+                                            s.bottleneck, s.non_linearity, s.dropout, s.scale)
+    return built
+
+
+def _blocks(s: Mapping[str, Any]) -> tuple[str, ...]:
+    placement = s.get("placement", "mlp")
+    return BLOCKS.get(placement, ()) if isinstance(placement, str) else ()
+
+
+def draw_series(s: Mapping[str, Any]) -> Drawing:
+    where = {"attn": "after attention", "mlp": "after the MLP", "both": "after attention and after the MLP"}
+    label = f"series adapter ({s.get('bottleneck', '?')})"
+    caption = f"Series adapter (bottleneck {s.get('bottleneck')}) {where.get(str(s.get('placement')), '?')}"
+    return Drawing(caption=caption, boxes=tuple(Box(block, "series", label) for block in _blocks(s)))
+
+
+def draw_parallel(s: Mapping[str, Any]) -> Drawing:
+    where = {"attn": "beside attention", "mlp": "beside the MLP", "both": "beside attention and the MLP"}
+    label, scale = f"parallel adapter ({s.get('bottleneck', '?')})", str(s.get("scale", 1.0))
+    return Drawing(caption=f"Parallel adapter (bottleneck {s.get('bottleneck')}, scale {s.get('scale')}) "
+                           f"{where.get(str(s.get('placement')), '?')}",
+                   boxes=tuple(Box(block, "parallel", label, scale) for block in _blocks(s)))
+
+
+def bottleneck_sweep(hidden_size: int) -> list[int]:
+    """The paper's bottleneck widths scaled to the model: up to half the hidden size (64..256 on a 7B)."""
+    top = max(8, min(256, hidden_size // 2))
+    return sorted({max(4, top // 4), max(4, top // 2), top})
+
+
+_PLACED = Placements({p: {"placement": p} for p in PLACEMENTS}, default="mlp")
+
+SERIES = register(Method(
+    name="series", label="Series adapter", settings=SeriesSettings, build=build_series, draw=draw_series,
+    value_setting="bottleneck", placements=_PLACED, sweep=bottleneck_sweep,
+    presets={"AdapterH": {"placement": "both"}, "AdapterP": {"placement": "mlp"}},
+))
+PARALLEL = register(Method(
+    name="parallel", label="Parallel adapter", settings=ParallelSettings, build=build_parallel,
+    draw=draw_parallel, value_setting="bottleneck", placements=_PLACED,
+    presets={"Parallel": {}, "Scaled_Parallel": {"scale": "learned"}},
+))

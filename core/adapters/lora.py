@@ -4,18 +4,24 @@ One class wraps ``nn.Linear`` and GPT-2's ``Conv1D`` alike, and fused projection
 layer each adapted role (q, k, v) gets its own ``A_i`` (r x in) and ``B_i`` (|slice_i| x r) writing
 only into that role's slice of the output, so the parameter count and the maths equal those of LoRA
 on separate q, k, v layers.
+
+The end of the file declares the method: its settings, builder, PEFT layout, drawing and record.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import in_out_features, is_conv1d
-from .base import AdapterModule, FastDropout
+from ..arch import ArchSpec, fused_indices, in_out_features, is_conv1d
+from ..config import ROLES, AdapterConfig, ConfigError, Settings, parse_layers, setting
+from ..methods import Drawing, Method, Placements, register
+from .base import AdapterModule, FastDropout, MaskShare, available_roles, sites
 
 
 class _LoraTrainFn(torch.autograd.Function):
@@ -134,6 +140,22 @@ class LoraLinear(AdapterModule):
                 and weight.dtype == x.dtype and not weight.requires_grad
                 and (self.base.bias is None or not self.base.bias.requires_grad))
 
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``delta_weight() == scaling * B @ A``, as one LoRA of rank ``A.shape[0]``.
+
+        On a fused layer ``A`` stacks the roles' ``A_i`` ((r * roles) x in) and ``B`` is block-structured
+        (out x (r * roles)): role ``i``'s ``B_i`` in its own rows and columns, zero elsewhere.
+        """
+        if self.out_index is None:
+            return self.lora_A, self.lora_B[0]
+        B = self.lora_A.new_zeros(in_out_features(self.base)[1], self.lora_A.shape[0])
+        rows = self.out_index.split([Bi.shape[0] for Bi in self.lora_B])
+        for i, (Bi, idx) in enumerate(zip(self.lora_B, rows)):
+            B[idx, i * self.r:(i + 1) * self.r] = Bi
+        return self.lora_A, B
+
+    mergeable = True  # the merge protocol of AdapterModule: merge, unmerge, fold, delta_weight
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight. Repeat-safe; ``unmerge`` restores the exact weight."""
@@ -153,6 +175,14 @@ class LoraLinear(AdapterModule):
         self._saved_weight = None
         self.merged = False
 
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """Merge for good: the base module, its weight holding the update (this adapter is spent)."""
+        self.merge()
+        self._saved_weight = None
+        self.merged = False
+        return self.base
+
     def detach(self) -> nn.Module:
         self.unmerge()
         return self.base
@@ -160,3 +190,96 @@ class LoraLinear(AdapterModule):
     def extra_repr(self) -> str:
         roles = f", roles={self.roles}" if self.roles else ""
         return f"r={self.r}, scaling={self.scaling:g}{roles}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The method: settings, builder, PEFT layout, drawing, record.
+
+@dataclass
+class LoraSettings(Settings):
+    """LoRA: W x + (alpha / r) * B A x, with A (r x in) random and B (out x r) zero at start."""
+
+    r: int = setting(32, "rank of the low-rank update", min=1, max=4096, integer=True)
+    alpha: float = setting(64.0, "scaling numerator: the update is multiplied by alpha / r",
+                           min=1e-6, max=65536.0)
+    dropout: float = setting(0.05, "dropout on the LoRA input", min=0.0, max=0.99)
+    targets: list[str] = setting(["q", "k", "v", "up", "down"], "roles of the linear layers to adapt",
+                                 choices=ROLES)
+
+    def check(self) -> None:
+        if not self.targets:
+            raise ConfigError("targets", "name at least one role")
+
+
+def build(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: list[int] | None,
+          tokenizer: Any) -> dict[str, AdapterModule]:
+    """A ``LoraLinear`` on every targeted role; on a fused qkv layer one module adapts the targeted parts.
+
+    Roles the architecture lacks are skipped when the targets are the defaults (GPT-2 has no gate) and
+    refused when the user named them.
+    """
+    s: LoraSettings = cfg.settings
+    from_default = list(s.targets) == list(LoraSettings().targets)
+    plain, fused = [], []
+    for role in dict.fromkeys(s.targets):
+        if role in spec.roles:
+            plain.append(role)
+        elif role in ("q", "k", "v") and spec.fused:
+            fused.append(role)
+        elif not from_default:
+            raise ConfigError("targets", f"this architecture has no {role!r} role; it has "
+                                         f"{', '.join(available_roles(spec))}")
+    built: dict[str, AdapterModule] = {}
+    share = MaskShare()
+    for site in sites(model, spec, plain, layers):
+        built[site.path] = LoraLinear(model.get_submodule(site.path), s.r, s.alpha, s.dropout, dropout_share=share)
+    if fused:
+        heads = model.config.num_attention_heads
+        for site in sites(model, spec, ["qkv"], layers):
+            base = model.get_submodule(site.path)
+            index = fused_indices(spec.fused_layout, in_out_features(base)[1], heads)
+            built[site.path] = LoraLinear(base, s.r, s.alpha, s.dropout, {r: index[r] for r in fused},
+                                          dropout_share=share)
+    return built
+
+
+def peft_layout(items: list[tuple[str, LoraLinear]], cfg: AdapterConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and ``adapter_config.json`` of Hugging Face PEFT's LoRA layout.
+
+    A fused q/k/v LoRA is written exactly as one LoRA of rank ``r * roles`` on the fused layer
+    (``lora_factors``), with ``rank_pattern``/``alpha_pattern`` keeping its scale.
+    """
+    s: LoraSettings = cfg.settings
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for path, a in items:
+        A, B = a.lora_factors()
+        if A.shape[0] != a.r:
+            rank_pattern[path] = A.shape[0]
+            alpha_pattern[path] = s.alpha * (A.shape[0] // a.r)
+        prefix = f"base_model.model.{path}"
+        tensors[f"{prefix}.lora_A.weight"] = A.detach().float().contiguous().cpu()
+        tensors[f"{prefix}.lora_B.weight"] = B.detach().float().contiguous().cpu()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": s.r, "lora_alpha": s.alpha, "lora_dropout": s.dropout,
+        "target_modules": sorted({path.rsplit(".", 1)[-1] for path, _ in items}), "bias": "none",
+        "fan_in_fan_out": any(a.transposed for _, a in items), "inference_mode": True, "modules_to_save": None,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "layers_to_transform": parse_layers(cfg.layers), "layers_pattern": None,
+    }
+    return tensors, config
+
+
+def draw(s: Mapping[str, Any]) -> Drawing:
+    targets = [t for t in (s.get("targets") or []) if isinstance(t, str)]
+    return Drawing(caption=f"LoRA (r={s.get('r')}, alpha={s.get('alpha')}) on {', '.join(targets) or 'nothing'}",
+                   marks={t: "+BA" for t in targets})
+
+
+LORA = register(Method(
+    name="lora", label="LoRA", settings=LoraSettings, build=build, draw=draw, value_setting="r",
+    placements=Placements({"attn": {"targets": ["q", "k", "v", "o"]}, "mlp": {"targets": ["up", "down"]},
+                           "both": {"targets": ["q", "k", "v", "o", "up", "down"]}}, default="both"),
+    sweep=lambda hidden: [4, 8, 16, 32], presets={"LoRA": {}}, merges=True, peft=peft_layout,
+))

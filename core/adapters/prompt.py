@@ -10,17 +10,23 @@ All three share one mechanism (``VirtualTokens``): hooks on the model's backbone
 make room for ``n`` virtual positions — the attention mask gains ``n`` leading ones, positions shift
 by ``n`` — and strip the virtual positions from the backbone's output. So the adapted model keeps its
 call signature: ``model(input_ids, attention_mask, labels)`` returns the loss and logits of the given
-tokens only, and ``model.generate()`` works unchanged.
+tokens only, and ``model.generate()`` works unchanged. Each acts on every layer at once.
+
+The end of the file declares the three methods: settings, builders, drawings and records.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..arch import ArchSpec, attention_shape
+from ..config import AdapterConfig, ConfigError, Settings, setting
+from ..methods import Drawing, Method, register
 from .base import AdapterModule
 
 
@@ -184,3 +190,104 @@ class PrefixTuning(VirtualTokens):
             dtype = torch.get_autocast_dtype(embed.weight.device.type)
         for layer, (k, v) in enumerate(self.prefixes().to(dtype)):
             cache.update(k.unsqueeze(0).expand(batch, -1, -1, -1), v.unsqueeze(0).expand(batch, -1, -1, -1), layer)
+
+
+# --------------------------------------------------------------------------------------------------
+# The methods: settings, builders, drawings, records.
+
+MAX_PROMPT_TEXT = 2000  # characters of prompt-tuning init text
+
+
+@dataclass
+class PrefixSettings(Settings):
+    """Prefix tuning: trainable keys/values prepended in every attention layer."""
+
+    num_virtual_tokens: int = setting(10, "number of prefix positions", min=1, max=512, integer=True)
+    reparam_hidden: int = setting(512, "hidden size of the MLP reparameterisation (0 = none)",
+                                  min=0, max=65536, integer=True)
+
+
+@dataclass
+class PromptSettings(Settings):
+    """Prompt tuning: trainable soft-prompt embeddings prepended to the input."""
+
+    num_virtual_tokens: int = setting(10, "number of soft-prompt tokens", min=1, max=512, integer=True)
+    init: str = setting("text", "initialise from the embeddings of init_text, or random",
+                        choices=("text", "random"))
+    init_text: str = setting("Solve the following math problem step by step.",
+                             "text whose token embeddings initialise the prompt", max_len=MAX_PROMPT_TEXT)
+
+
+@dataclass
+class PTuningSettings(Settings):
+    """P-tuning: virtual-token embeddings produced by a prompt encoder (MLP or LSTM)."""
+
+    num_virtual_tokens: int = setting(10, "number of virtual tokens", min=1, max=512, integer=True)
+    encoder: str = setting("mlp", "prompt encoder", choices=("mlp", "lstm"))
+    encoder_hidden: int = setting(256, "hidden size of the prompt encoder", min=1, max=65536, integer=True)
+
+
+def build_prefix(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: list[int] | None,
+                 tokenizer: Any) -> dict[str, AdapterModule]:
+    n_layers, kv_heads, head_dim = attention_shape(model)
+    s: PrefixSettings = cfg.settings
+    return {"": PrefixTuning(s.num_virtual_tokens, model.config.hidden_size, n_layers, kv_heads, head_dim,
+                             s.reparam_hidden)}
+
+
+def build_prompt(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: list[int] | None,
+                 tokenizer: Any) -> dict[str, AdapterModule]:
+    """Soft prompt initialised from the embeddings of ``init_text`` (repeated to length) or at random."""
+    s: PromptSettings = cfg.settings
+    init = None
+    if s.init == "text":
+        if tokenizer is None:
+            raise ConfigError("init", "initialising from text needs the tokenizer; pass tokenizer= or use 'random'")
+        ids = tokenizer(s.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError("init_text", "the text has no tokens")
+        ids = (ids * (s.num_virtual_tokens // len(ids) + 1))[: s.num_virtual_tokens]
+        with torch.no_grad():
+            init = model.get_input_embeddings().weight[torch.tensor(ids)].float()
+    return {"": PromptTuning(s.num_virtual_tokens, model.config.hidden_size, init)}
+
+
+def build_ptuning(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: list[int] | None,
+                  tokenizer: Any) -> dict[str, AdapterModule]:
+    s: PTuningSettings = cfg.settings
+    return {"": PTuning(s.num_virtual_tokens, model.config.hidden_size, s.encoder, s.encoder_hidden)}
+
+
+def draw_prefix(s: Mapping[str, Any]) -> Drawing:
+    n = s.get("num_virtual_tokens", 10)
+    return Drawing(caption=f"Prefix tuning: {s.get('num_virtual_tokens')} trainable key/value positions in every "
+                           "attention layer", kv_tokens=f"prefix keys/values ×{n}")
+
+
+def draw_prompt(s: Mapping[str, Any]) -> Drawing:
+    n = s.get("num_virtual_tokens", 10)
+    return Drawing(caption=f"Prompt tuning: {s.get('num_virtual_tokens')} soft-prompt embeddings before the input",
+                   input_tokens=f"{n} soft-prompt vectors")
+
+
+def draw_ptuning(s: Mapping[str, Any]) -> Drawing:
+    n, encoder = s.get("num_virtual_tokens", 10), str(s.get("encoder", "mlp")).upper()
+    return Drawing(caption=f"P-tuning: {s.get('num_virtual_tokens')} virtual tokens from a {encoder} prompt "
+                           "encoder, before the input",
+                   input_tokens=f"{n} virtual tokens", input_note=f"from an {encoder} prompt encoder")
+
+
+PREFIX = register(Method(
+    name="prefix", label="Prefix tuning", settings=PrefixSettings, build=build_prefix, draw=draw_prefix,
+    value_setting="num_virtual_tokens", sweep=lambda hidden: [10, 20, 30, 40], presets={"Prefix": {}},
+    all_layers_only=True, identity_at_init=False,
+))
+PROMPT = register(Method(
+    name="prompt", label="Prompt tuning", settings=PromptSettings, build=build_prompt, draw=draw_prompt,
+    value_setting="num_virtual_tokens", all_layers_only=True, identity_at_init=False,
+    shape_settings={"init": "random"},
+))
+PTUNING = register(Method(
+    name="ptuning", label="P-tuning", settings=PTuningSettings, build=build_ptuning, draw=draw_ptuning,
+    value_setting="num_virtual_tokens", all_layers_only=True, identity_at_init=False,
+))
