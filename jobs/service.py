@@ -627,9 +627,14 @@ class JobService(ComparisonAPI, StudiesAPI):
             raise JobError(f"job {job['id']} is an {job['kind']} job; only training jobs have adapters")
         if not (Path(job["out_dir"]) / "adapter" / "adapter_config.json").is_file():
             raise JobError(f"job {job['id']} has no adapter yet (status {job['status']})")
-        if kind != "adapter" and job["spec"]["adapter"]["method"] != "lora":
-            raise JobError(f"the {ARTIFACT_LABELS[kind]} export is for LoRA adapters; job {job['id']} trained "
-                           f"{job['spec']['adapter']['method']}: download the adapter instead")
+        if kind != "adapter":
+            from core import methods
+
+            method = methods.get(job["spec"]["adapter"]["method"])
+            if kind not in method.exports:
+                able = ", ".join(m.label for m in methods.all() if kind in m.exports)
+                raise JobError(f"a {method.label} adapter has no {ARTIFACT_LABELS[kind]} export (methods that "
+                               f"have: {able}); job {job['id']}: download the adapter instead")
         with self.db.read() as s:
             pending = s.scalars(sa.select(Job).where(Job.kind == "export", Job.target_job_id == job["id"],
                                                      Job.status.in_(ACTIVE))).all()

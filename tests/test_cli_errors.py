@@ -132,7 +132,7 @@ def test_a_spec_with_a_byte_order_mark_is_accepted_and_job_state_errors_fail(env
     ("{nope", ["study.json: not valid JSON"]),
     ('{"grid": []}', ["study.json: grid: unknown study key"]),
     ('{"methods": ["nope"]}', ["study.json: methods: unknown method 'nope'"]),
-    ('{"seeds": "one"}', ["study.json is not a valid study file"]),
+    ('{"seeds": "one"}', ["study.json: seeds: expected a list"]),
 ])
 def test_study_rejects_a_bad_study_file(env, tmp_path, content, words):
     (tmp_path / "study.json").write_text(content)

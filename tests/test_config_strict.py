@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core import methods
 from core.config import (INT64_MAX, METHOD_SETTINGS, AdapterConfig, ConfigError, DataSettings, EvalSettings,
                          JobSpec, ModelSettings, TrainSettings, fields_of)
 
@@ -323,7 +324,7 @@ def test_valid_specs_round_trip_exactly(method):
     spec["name"] = "run ✓ \u00e9"
     spec["data"]["columns"] = {"instruction": "question", "output": "answer"}
     spec["eval"]["benchmarks"] = ["gsm8k", "data/my bench.jsonl"]
-    if method not in ("prompt", "ptuning"):
+    if not methods.get(method).all_layers_only:
         spec["adapter"]["layers"] = [0, -1, 3]
     spec["adapter"]["arch"] = {"layers": "model.layers", "roles": {"q": "self_attn.q_proj"}}
     job = JobSpec.from_dict(spec).validate()
