@@ -23,6 +23,7 @@ import plotly.io as pio
 from core import methods as registry
 from core.config import ConfigError, JobSpec
 from core.study import StudySpec, hyperparameter_study, placement_study
+from jobs.compare import JOB_KEY, job_key, parse_model_key
 
 from .charts import empty_figure, study_params_scatter, study_placement_bars, study_value_lines
 from .common import download_file, error_text, error_update, fmt_duration, guarded, warn
@@ -31,7 +32,7 @@ from .train_tab import benchmark_choices, spec_from_form
 POLL_SECONDS = 5.0
 PRESET_PLACEMENT, PRESET_HYPER, PRESET_CUSTOM = "placement study", "hyperparameter study", "custom"
 PRESETS = (PRESET_PLACEMENT, PRESET_HYPER, PRESET_CUSTOM)
-BASE_FORM, BASE_DEFAULT, JOB_PREFIX = "form", "default", "job:"
+BASE_FORM, BASE_DEFAULT = "form", "default"
 TABLE_HEADERS = ["#", "configuration", "method", "placement", "setting", "value", "seeds", "accuracy % (mean ± std)",
                  "trainable params"]
 CSV_HEADERS = ["benchmark", "rank", "config", "method", "placement", "setting", "value", "seeds", "mean", "std",
@@ -45,7 +46,7 @@ def base_choices(service: Any) -> list[tuple[str, str]]:
     """(label, value) of the bases a study can start from: the Train form, the default spec, each job."""
     jobs = [j for j in service.list_jobs() if j.get("kind", "train") == "train"]
     return [("the Train tab's form", BASE_FORM), ("the default job", BASE_DEFAULT),
-            *[(f"job {j['id']} · {j['name']}", f"{JOB_PREFIX}{j['id']}") for j in jobs]]
+            *[(f"job {j['id']} · {j['name']}", job_key(j["id"])) for j in jobs]]
 
 
 def base_spec(service: Any, choice: str | None, train_form: dict[str, Any] | None = None) -> JobSpec:
@@ -55,9 +56,9 @@ def base_spec(service: Any, choice: str | None, train_form: dict[str, Any] | Non
         return spec_from_form(train_form) if train_form else JobSpec()
     if choice == BASE_DEFAULT:
         return JobSpec()
-    if choice.startswith(JOB_PREFIX):
+    if choice.startswith(JOB_KEY):
         try:
-            return JobSpec.from_dict(service.get(int(choice[len(JOB_PREFIX):]))["spec"])
+            return JobSpec.from_dict(service.get(parse_model_key(choice)[1])["spec"])
         except (KeyError, ValueError) as err:
             raise ConfigError("base", f"cannot use {choice} as the base: {err}") from None
     raise ConfigError("base", f"unknown base {choice!r}")
