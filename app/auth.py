@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from core.deployment import LOCAL_USER, Actor, Deployment, DeploymentError
 from core.deployment import current as current_deployment
+from core.deployment import using
 
 MIN_PASSWORD = 10
 VISITOR_COOKIE = "workbench_visitor"
@@ -138,8 +139,20 @@ def _refuse(message: str) -> Exception:
     return gr.Error(message, title="Not allowed", print_exception=False)
 
 
-def _wrap(fn: Callable, resolve: Callable[[], Actor]) -> Callable:
-    """``fn`` run as the actor ``resolve()`` gives for the request in progress.
+@contextlib.contextmanager
+def _as(actor: Actor, deployment: Deployment) -> Iterator[None]:
+    """The actor and the page's deployment for one handler call (or one step of a generator)."""
+    token = _actor.set(actor)
+    try:
+        with using(deployment):
+            yield
+    finally:
+        _actor.reset(token)
+
+
+def _wrap(fn: Callable, resolve: Callable[[], Actor], deployment: Deployment) -> Callable:
+    """``fn`` run as the actor ``resolve()`` gives for the request in progress, under ``deployment``
+    (so the core's source rules are the page's, whatever this process's environment says).
 
     The wrapper is transparent to Gradio: the same signature (``functools.wraps``), the same kind
     (function, generator, coroutine, async generator), so ``gr.Progress``, ``gr.SelectData`` and
@@ -152,20 +165,15 @@ def _wrap(fn: Callable, resolve: Callable[[], Actor]) -> Callable:
         @functools.wraps(fn)
         async def wrapped_agen(*args, **kwargs):
             actor = resolve()
-            token = _actor.set(actor)
-            try:
+            with _as(actor, deployment):
                 agen = fn(*args, **kwargs)
-            finally:
-                _actor.reset(token)
             try:
                 while True:
-                    token = _actor.set(actor)
-                    try:
-                        item = await agen.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    finally:
-                        _actor.reset(token)
+                    with _as(actor, deployment):
+                        try:
+                            item = await agen.__anext__()
+                        except StopAsyncIteration:
+                            return
                     yield item
             finally:
                 await agen.aclose()
@@ -173,31 +181,23 @@ def _wrap(fn: Callable, resolve: Callable[[], Actor]) -> Callable:
     elif inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def wrapped_coro(*args, **kwargs):
-            token = _actor.set(resolve())
-            try:
+            with _as(resolve(), deployment):
                 return await fn(*args, **kwargs)
-            finally:
-                _actor.reset(token)
         wrapper = wrapped_coro
     elif inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def wrapped_gen(*args, **kwargs):
             # Gradio runs each step in a worker thread of its own: the actor is set around each next().
             actor = resolve()
-            token = _actor.set(actor)
-            try:
+            with _as(actor, deployment):
                 gen = fn(*args, **kwargs)
-            finally:
-                _actor.reset(token)
             try:
                 while True:
-                    token = _actor.set(actor)
-                    try:
-                        item = next(gen)
-                    except StopIteration as stop:
-                        return stop.value
-                    finally:
-                        _actor.reset(token)
+                    with _as(actor, deployment):
+                        try:
+                            item = next(gen)
+                        except StopIteration as stop:
+                            return stop.value
                     yield item
             finally:
                 gen.close()
@@ -205,11 +205,8 @@ def _wrap(fn: Callable, resolve: Callable[[], Actor]) -> Callable:
     else:
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
-            token = _actor.set(resolve())
-            try:
+            with _as(resolve(), deployment):
                 return fn(*args, **kwargs)
-            finally:
-                _actor.reset(token)
         wrapper = wrapped
     wrapper.__workbench_protected__ = True  # type: ignore[attr-defined]
     return wrapper
@@ -246,7 +243,7 @@ def protect(demo: Any, deployment: Deployment | None = None, identify: Identify 
         block_fn.api_visibility = "private"
         if block_fn.fn is None or getattr(block_fn.fn, "__workbench_protected__", False):
             continue
-        block_fn.fn = _wrap(block_fn.fn, resolve)
+        block_fn.fn = _wrap(block_fn.fn, resolve, deployment)
         wrapped += 1
     return wrapped
 

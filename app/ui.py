@@ -19,6 +19,7 @@ import gradio as gr
 
 from core.deployment import LOCAL_USER, Deployment
 from core.deployment import current as current_deployment
+from core.deployment import using
 
 from . import chat_tab, compare_tab, jobs_tab, study_tab, train_tab
 from .auth import (BUILD_ACTOR, LOGIN_FAILURES, LOGIN_WINDOW_S, Identify, LoginRateLimiter, Logins, ScopedService,
@@ -153,7 +154,7 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
     service = ScopedService(service, deployment)
     # While the page is built there is no caller: in local mode it is the local user, elsewhere an actor
     # that owns nothing, so no one's jobs end up in the page every visitor receives.
-    with acting_as(LOCAL_USER if deployment.local else BUILD_ACTOR), \
+    with acting_as(LOCAL_USER if deployment.local else BUILD_ACTOR), using(deployment), \
             gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## {TITLE} <small style='color:#64748b;font-weight:400'>— parameter-efficient "
                     "fine-tuning of language models (LoRA, series and parallel adapters, prefix and prompt "

@@ -17,12 +17,14 @@ This module reads the environment only; it imports nothing heavy, so every layer
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 MODES = ("local", "team", "public")
 
@@ -203,14 +205,29 @@ def _limits_from_env(base: Limits, env: Mapping[str, str]) -> Limits:
 
 
 _current: Deployment | None = None
+_in_call: contextvars.ContextVar[Deployment | None] = contextvars.ContextVar("workbench_deployment", default=None)
 
 
 def current() -> Deployment:
-    """This process's deployment (from the environment, read once; ``configure`` replaces it)."""
+    """The deployment in force: the one of the web page whose handler is running (``using``), else
+    this process's (from the environment, read once; ``configure`` replaces it)."""
     global _current
+    scoped = _in_call.get()
+    if scoped is not None:
+        return scoped
     if _current is None:
         _current = Deployment.from_env()
     return _current
+
+
+@contextlib.contextmanager
+def using(deployment: Deployment) -> Iterator[Deployment]:
+    """Run a block under ``deployment``'s rules (each handler call of a page runs under the page's)."""
+    token = _in_call.set(deployment)
+    try:
+        yield deployment
+    finally:
+        _in_call.reset(token)
 
 
 def configure(deployment: Deployment | None) -> None:

@@ -265,17 +265,17 @@ def test_wrappers_keep_what_gradio_inspects():
     alice = Actor("alice")
     for fn, kind in [(plain, inspect.isfunction), (select, inspect.isfunction), (gen, inspect.isgeneratorfunction),
                      (coro, inspect.iscoroutinefunction), (agen, inspect.isasyncgenfunction)]:
-        wrapped = auth._wrap(fn, lambda: alice)
+        wrapped = auth._wrap(fn, lambda: alice, LOCAL)
         assert kind(wrapped) and inspect.signature(wrapped) == inspect.signature(fn)
         assert wrapped.__name__ == fn.__name__ and gr.utils.get_type_hints(wrapped) == gr.utils.get_type_hints(fn)
-    assert auth._wrap(plain, lambda: alice)(1) == "alice"
-    assert asyncio.run(auth._wrap(coro, lambda: alice)(1)) == "alice"
+    assert auth._wrap(plain, lambda: alice, LOCAL)(1) == "alice"
+    assert asyncio.run(auth._wrap(coro, lambda: alice, LOCAL)(1)) == "alice"
 
     async def drain():
-        return [x async for x in auth._wrap(agen, lambda: alice)(1)]
+        return [x async for x in auth._wrap(agen, lambda: alice, LOCAL)(1)]
     assert asyncio.run(drain()) == ["alice"]
     # Gradio runs each step of a generator in a worker thread of its own, in a copy of the context
-    steps = auth._wrap(gen, lambda: alice)(3)
+    steps = auth._wrap(gen, lambda: alice, LOCAL)(3)
     out = []
     for _ in range(3):
         t = threading.Thread(target=lambda: out.append(contextvars.copy_context().run(next, steps)))
