@@ -27,7 +27,8 @@ from jobs.compare import JOB_KEY, job_key, parse_model_key
 
 from .charts import empty_figure, study_params_scatter, study_placement_bars, study_value_lines
 from .common import download_file, error_text, error_update, fmt_duration, guarded, warn
-from .train_tab import benchmark_choices, spec_from_form
+from .train_form import spec_from_form
+from .train_tab import benchmark_choices
 
 POLL_SECONDS = 5.0
 PRESET_PLACEMENT, PRESET_HYPER, PRESET_CUSTOM = "placement study", "hyperparameter study", "custom"

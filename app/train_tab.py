@@ -3,147 +3,37 @@
 The adapter, data, training and evaluation widgets are generated from the settings dataclasses
 (``app.forms``); the methods, their labels and settings groups come from the registry
 (``core.methods``). Handlers are top-level functions of a plain ``form`` dict (field path -> widget
-value), so they are tested without a browser; ``build_train_tab`` only draws and wires.
+value), so they are tested without a browser; ``build_train_tab`` only draws and wires. The pure
+conversions between that dict and a ``JobSpec`` are ``app.train_form``.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from core import data as data_mod
 from core import methods
-from core.config import (BUILTIN_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, PRESETS, ROLES, AdapterConfig, ConfigError,
-                         DataSettings, EvalSettings, JobSpec, ModelSettings, TrainSettings, fields_of)
+from core.config import (BUILTIN_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, PRESETS, ROLES, ConfigError, DataSettings,
+                         EvalSettings, JobSpec, ModelSettings, TrainSettings, fields_of)
 from core.estimate import estimate, human_bytes, human_count, model_config
 from core.deployment import current as current_deployment
-from core.paths import workbench_home
-from jobs.service import JobError
+from jobs.errors import JobError
 
 from .common import error_text, error_update, guarded, warn
 from .diagram import available_roles, block_diagram
-from .forms import Form, add_fields, collect, spread
+from .forms import Form, add_fields, collect
+from .train_form import (DATA_KINDS, SOURCE_KINDS, adapter_config, cli_text, data_source, form_from_spec,
+                         model_settings, preset_values, role_fields, spec_from_form)
+from .train_form import default_form  # noqa: F401  (re-exported: callers know it from here)
 
-DATA_KINDS = ("built-in", "upload", "server path", "hub id")
-SOURCE_KINDS = dict(zip(DATA_KINDS, ("builtin", "upload", "local", "hub")))  # core.sources' names
 UPLOAD_TYPES = (".json", ".jsonl", ".csv")
 PREVIEW_ROWS = 5
 STATS_ROWS = 2000
 CUSTOM_PRESET = "(custom)"
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure conversions: form <-> spec.
-
-def model_settings(form: dict[str, Any]) -> ModelSettings:
-    return ModelSettings.from_dict(collect(ModelSettings, "model", form))
-
-
-def adapter_config(form: dict[str, Any]) -> AdapterConfig:
-    """The adapter the form describes (not validated). ``ConfigError`` for unparsable widget values."""
-    method = form.get("adapter.method") or DEFAULT_METHOD
-    try:
-        settings_cls = methods.get(method).settings
-    except ConfigError as err:
-        raise err.within("adapter") from None
-    values = collect(settings_cls, f"adapter.{method}", form)
-    layers = str(form.get("adapter.layers") or "all").strip() or "all"
-    return AdapterConfig(method=method, layers=layers, settings=settings_cls(**values))
-
-
-def data_source(form: dict[str, Any]) -> str:
-    """The ``data.source`` string of the chosen kind; uploads are the stored copy's path."""
-    kind = form.get("data.kind") or DATA_KINDS[0]
-    if kind == "built-in":
-        value = form.get("data.builtin") or BUILTIN_DATASET
-    elif kind == "upload":
-        value = form.get("data.upload") or ""
-        if not value or not isinstance(value, str):
-            raise ConfigError("data.source", "upload a JSON, JSONL or CSV file first")
-    elif kind == "server path":  # whether it may be read is the service's call (core.sources' rules)
-        value = (form.get("data.server_path") or "").strip()
-        if not value:
-            raise ConfigError("data.source", "give the path of a JSON, JSONL or CSV file on the server")
-    elif kind == "hub id":
-        value = (form.get("data.hub_id") or "").strip()
-        if not value:
-            raise ConfigError("data.source", "give a Hugging Face dataset id, e.g. user/name")
-    else:
-        raise ConfigError("data.source", f"unknown data kind {kind!r}")
-    return value
-
-
-def spec_from_form(form: dict[str, Any]) -> JobSpec:
-    """The validated job spec of the form; ``ConfigError`` naming the field otherwise."""
-    data = collect(DataSettings, "data", form, skip=("source",))
-    data["source"] = data_source(form)
-    benchmarks = list(form.get("eval.benchmarks") or [])
-    spec = JobSpec(
-        name=str(form.get("name") or "").strip(),
-        model=model_settings(form),
-        adapter=adapter_config(form),
-        data=DataSettings.from_dict(data),
-        train=TrainSettings.from_dict(collect(TrainSettings, "train", form)),
-        eval=EvalSettings.from_dict({**collect(EvalSettings, "eval", form, skip=("benchmarks",)),
-                                     "benchmarks": benchmarks}),
-    )
-    spec.validate()
-    estimate(spec.model, spec.adapter, spec.data, spec.train)  # the adapter fits this model (roles, layers)
-    if not spec.name:
-        spec.name = default_job_name(spec)
-    return spec
-
-
-def default_job_name(spec: JobSpec) -> str:
-    model = Path(spec.model.name).name or spec.model.name
-    return f"{spec.adapter.method}-{model}"
-
-
-def form_from_spec(spec: JobSpec, uploads: Path | None = None) -> dict[str, Any]:
-    """Form values for ``spec`` (clone a job into the Train tab): the inverse of ``spec_from_form``."""
-    values: dict[str, Any] = {"name": f"{spec.name} (copy)" if spec.name else ""}
-    values.update(spread(ModelSettings, "model", spec.model.to_dict()))
-    method = spec.adapter.method
-    values["adapter.method"] = method
-    layers = spec.adapter.layers
-    values["adapter.layers"] = ",".join(map(str, layers)) if isinstance(layers, list) else str(layers)
-    values.update(spread(methods.get(method).settings, f"adapter.{method}", spec.adapter.settings.to_dict()))
-    values.update(spread(DataSettings, "data", spec.data.to_dict(), skip=("source",)))
-    source = spec.data.source
-    uploads = uploads or upload_dir()
-    if source in data_mod.BUILTIN_FILES:
-        values.update({"data.kind": "built-in", "data.builtin": source})
-    elif Path(source).parent == uploads:
-        values.update({"data.kind": "upload", "data.upload": source})
-    elif Path(source).expanduser().is_file() or source.startswith(("/", ".", "~")):
-        values.update({"data.kind": "server path", "data.server_path": source})
-    else:
-        values.update({"data.kind": "hub id", "data.hub_id": source})
-    values.update(spread(TrainSettings, "train", spec.train.to_dict()))
-    values.update(spread(EvalSettings, "eval", spec.eval.to_dict(), skip=("benchmarks",)))
-    values["eval.benchmarks"] = list(spec.eval.benchmarks)
-    return values
-
-
-def default_form() -> dict[str, Any]:
-    """The form as a fresh page shows it: every method's defaults, the default job spec."""
-    values: dict[str, Any] = {}
-    for m in methods.all():
-        values.update(spread(m.settings, f"adapter.{m.name}", m.settings().to_dict()))
-    values.update({"data.builtin": BUILTIN_DATASET, "data.upload": None, "data.server_path": "", "data.hub_id": ""})
-    values.update(form_from_spec(JobSpec()))
-    return values
-
-
-def cli_text(spec: JobSpec) -> str:
-    return ("# Save the JSON above as spec.json, then either queue it for the workbench's worker:\n"
-            "python -m jobs submit spec.json\n"
-            "# or train in the foreground, with a progress bar:\n"
-            "python -m core train --config spec.json\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,15 +73,6 @@ def launch(service: Any, form: dict[str, Any]) -> tuple[dict, Any]:
 def method_visibility(method: str) -> list[dict]:
     """One visibility update per method group, in the registry's order."""
     return [gr.update(visible=(m == method)) for m in methods.names()]
-
-
-def preset_values(preset: str) -> dict[str, Any]:
-    """Form values setting the method and its settings to a paper preset (defaults + the preset's overrides)."""
-    if preset not in PRESETS:
-        return {}
-    method, overrides = PRESETS[preset]
-    settings_cls = methods.get(method).settings
-    return {"adapter.method": method, **spread(settings_cls, f"adapter.{method}", settings_cls(**overrides).to_dict())}
 
 
 def _lenient_settings(form: dict[str, Any], method: str) -> dict[str, Any]:
@@ -249,12 +130,6 @@ def estimate_markdown(est: dict[str, Any]) -> str:
         f"(micro-batch {est['micro_batch_size']} × {est['seq_len']} tokens)</small>")
 
 
-def role_fields() -> list[str]:
-    """Form paths of the method settings whose choices are roles (LoRA's ``targets``)."""
-    return [f"adapter.{m.name}.{meta['name']}" for m in methods.all() for meta in fields_of(m.settings)
-            if meta.get("choices") == ROLES]
-
-
 def roles_update(form: dict[str, Any], path: str | None = None) -> dict:
     """The role choices of the field at ``path`` (the first of ``role_fields()`` when None) restricted to
     the roles the chosen architecture has."""
@@ -267,10 +142,6 @@ def roles_update(form: dict[str, Any], path: str | None = None) -> dict:
     choices = [r for r in ROLES if r in have]
     current = [r for r in (form.get(path) or []) if r in have]
     return gr.update(choices=choices, value=current)
-
-
-def upload_dir() -> Path:
-    return workbench_home() / "uploads"
 
 
 def store_upload(service: Any, file_path: str | None, name: str | None = None) -> tuple[str | None, str]:

@@ -22,8 +22,9 @@ from core.deployment import current as current_deployment
 from core.deployment import using
 
 from . import chat_tab, compare_tab, jobs_tab, study_tab, train_tab
-from .auth import (BUILD_ACTOR, LOGIN_FAILURES, LOGIN_WINDOW_S, Identify, LoginRateLimiter, Logins, ScopedService,
-                   acting_as, current_actor, identity_line, load_logins, middleware_for, protect)
+from .auth import BUILD_ACTOR, Identify, ScopedService, acting_as, current_actor, identity_line, protect
+from .logins import Logins, load_logins
+from .visitors import LOGIN_FAILURES, LOGIN_WINDOW_S, LoginRateLimiter, middleware_for
 from .common import CSS, error_text, warn
 
 TRAIN, JOBS, CHAT, COMPARE, STUDY = "train", "jobs", "chat", "compare", "study"

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .deployment import Deployment, current
-from .sources import HubUnavailable, SourceError, read_hub_dataset, resolve_data
+from .hub import HubUnavailable, read_hub_dataset
+from .sources import SourceError, resolve_data
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"

@@ -27,8 +27,8 @@ import torch
 from .config import BUILTIN_DATASET, ConfigError
 from .deployment import Deployment, current
 from .sources import ASSETS  # noqa: F401  (re-exported, as before)
-from .sources import (BUILTIN_DATA, DATA_FILE_TYPES, DataSource, HubUnavailable, SourceError, read_hub_dataset,
-                      resolve_data)
+from .hub import HubUnavailable, read_hub_dataset
+from .sources import BUILTIN_DATA, DATA_FILE_TYPES, DataSource, SourceError, resolve_data
 from .templates import render_prompt
 
 BUILTIN_FILES = BUILTIN_DATA  # builtin:* name -> file (defined in core.sources, the one place for sources)

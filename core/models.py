@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import embedded, sources
+from . import embedded, hub, sources
 from .config import ModelSettings
 from .deployment import Deployment, current
 from .devices import ModelLoadError, error_line, resolve_device, resolve_dtype
@@ -101,7 +101,7 @@ def _hub_kwargs(source: str) -> dict[str, Any]:
     """``local_files_only`` when the hub cannot be reached, so transformers uses its cache and fails fast."""
     if Path(source).exists():
         return {}
-    return {} if sources.hub_reachable() else {"local_files_only": True}
+    return {} if hub.hub_reachable() else {"local_files_only": True}
 
 
 def _load_error(name: str, source: str, err: BaseException, what: str = "model") -> ModelLoadError:
@@ -115,7 +115,7 @@ def _load_error(name: str, source: str, err: BaseException, what: str = "model")
     else:
         tried = f"{name!r} is not a catalogue name nor a local directory, so it was tried as a hub id, and"
     reason = ("the hub is unreachable (offline) and the model is not in the local Hugging Face cache"
-              if not sources.hub_reachable() else f"the hub could not provide it ({error_line(err)})")
+              if not hub.hub_reachable() else f"the hub could not provide it ({error_line(err)})")
     return ModelLoadError(
         f"could not load the {what} of {name!r}: {tried} failed: {reason}. Download the model to a directory "
         f"and give its path, check the hub id's spelling, or {INSTALL_HINT}.")

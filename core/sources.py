@@ -35,7 +35,8 @@ it (``WORKBENCH_ALLOW_REMOTE_CODE=1``), the mode is not public and the spec asks
 needs remote code is read from its JSON files, never by importing anything.
 
 This module imports the standard library only (no torch, no transformers), so the job service can
-check a spec without loading the engine.
+check a spec without loading the engine. Asking the hub itself (is it reachable, read a dataset) is
+``core.hub``.
 """
 
 from __future__ import annotations
@@ -43,14 +44,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import stat
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from .config import BUILTIN_DATASET, DEFAULT_MODEL, ConfigError
 from .deployment import Deployment, current
@@ -404,6 +401,8 @@ def needs_remote_code(source: ModelSource) -> bool:
     try:
         from huggingface_hub import hf_hub_download
 
+        from .hub import hub_reachable  # core.hub reads names through this module: imported here, not at the top
+
         path = hf_hub_download(source.location, "config.json", local_files_only=not hub_reachable())
     except Exception:  # offline and not cached, or no such repository: the loader says so
         return False
@@ -462,105 +461,3 @@ def check_job_remote_code(source: ModelSource, settings: Any, deployment: Deploy
         if missing:
             raise RemoteCodeError(field, f"{source.name} needs remote code (its config names its own Python "
                                          f"code): {'; '.join(missing)}")
-
-
-# --------------------------------------------------------------------------------------------------
-# The hub.
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-_probe: dict[str, tuple[float, bool]] = {}
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be asked at all (offline env vars, then a quick TCP connect).
-
-    Without this check, transformers and datasets retry an unreachable hub for about 25 s per file.
-    With a proxy configured the probe is skipped (the proxy decides). The answer is kept for 60 s.
-    """
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    url = urlparse(endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    cached = _probe.get(endpoint)
-    if cached and time.monotonic() - cached[0] < 60:
-        return cached[1]
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            ok = True
-    except OSError:
-        ok = False
-    _probe[endpoint] = (time.monotonic(), ok)
-    return ok
-
-
-class HubUnavailable(Exception):
-    """A hub dataset that could not be read; ``reason`` is a phrase for the caller's message."""
-
-    def __init__(self, reason: str, offline: bool):
-        super().__init__(reason)
-        self.reason = reason
-        self.offline = offline
-
-
-_offline_lock = threading.Lock()
-
-
-def read_hub_dataset(hub_id: str, splits: tuple[str, ...] = ("train",), limit: int = 0) -> tuple[str, list[dict]]:
-    """(split, rows) of a hub dataset through ``datasets``: the first of ``splits`` it has, else its
-    first split. At most ``limit`` rows (0 = all).
-
-    Only for ids ``resolve_data`` accepted (checked again here: a hub id must never name a local
-    folder, which ``datasets`` would read instead). When the hub cannot be reached, ``datasets`` is
-    switched to offline mode for the call, so a cached copy still loads and an uncached one fails at
-    once instead of after ~25 s of retries. Raises ``HubUnavailable``.
-    """
-    if not is_hub_id(hub_id) or _exists(hub_id):
-        raise ValueError(f"{_shown(hub_id)} is not a hub dataset id")
-    offline = not hub_reachable()
-    try:
-        import datasets
-        import datasets.config
-        import huggingface_hub.constants as hub_constants
-    except ImportError:
-        raise HubUnavailable("the `datasets` package needed to read hub datasets is not installed", offline) from None
-    lock = _offline_lock if offline else _NoLock()
-    with lock:
-        saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-        try:
-            if offline:
-                datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-            if len(splits) == 1:
-                loaded = {splits[0]: datasets.load_dataset(hub_id, split=splits[0])}
-            else:
-                loaded = datasets.load_dataset(hub_id)
-            split = next((s for s in splits if s in loaded), next(iter(loaded), None))
-            if split is None:
-                raise HubUnavailable("it has no splits", offline)
-            ds = loaded[split]
-            if limit and len(ds) > limit:
-                ds = ds.select(range(limit))
-            rows = [dict(row) for row in ds]
-        except HubUnavailable:
-            raise
-        except Exception as err:
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            reason = ("the hub could not be reached (offline) and it is not in the local datasets cache" if offline
-                      else f"the hub could not provide it ({type(err).__name__}: {first})")
-            raise HubUnavailable(reason, offline) from None
-        finally:
-            datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-    return split, rows
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -188,9 +188,9 @@ def test_missing_file_and_unsupported_type(tmp_path):
 
 
 def test_hub_id_offline_fails_fast_with_a_clear_error(tmp_path, monkeypatch):
-    import core.sources
+    import core.hub
 
-    monkeypatch.setattr(core.sources, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(core.hub, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     start = time.monotonic()
     with pytest.raises(data.DataError) as err:

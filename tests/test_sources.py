@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from core import sources
+from core import hub, sources
 from core.config import DEFAULT_MODEL, ConfigError, ModelSettings
 from core.deployment import Deployment
 from core.sources import RemoteCodeError, SourceError, resolve_data, resolve_model
@@ -158,7 +158,7 @@ def test_hub_id_that_is_a_local_folder_is_never_sent_to_the_hub(box):
         with pytest.raises(SourceError):
             resolve_data("someone/folder", d)  # a folder is not a data file either
     with pytest.raises(ValueError):
-        sources.read_hub_dataset("someone/folder")
+        hub.read_hub_dataset("someone/folder")
 
 
 def test_generic_message_is_the_same_for_missing_and_not_allowed(box):
