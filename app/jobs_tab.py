@@ -18,7 +18,7 @@ from typing import Any
 
 import gradio as gr
 
-from jobs.service import ARTIFACT_LABELS
+from jobs.artifacts import ARTIFACT_LABELS
 
 from .charts import empty_figure, loss_figure
 from .common import error_text, error_update, fmt_duration, fmt_float, guarded, warn

@@ -7,7 +7,8 @@ the CLI use, a worker that runs each job as ``python -m jobs.run <id>``, and a C
     job_id = service.submit(spec)             # JobSpec / dict / JSON; ConfigError if invalid
 """
 
-from .service import JobError, JobNotFound, JobService
+from .errors import JobError, JobNotFound
+from .service import JobService
 from .worker import Worker, start_worker_thread
 
 __all__ = ["JobError", "JobNotFound", "JobService", "Worker", "start_worker_thread"]

@@ -32,9 +32,11 @@ from typing import Any, Callable
 from core.config import JobSpec
 from core.paths import InputFileError, WorkbenchHomeError, cli_error, read_json, settings_of
 
+from .artifacts import ARTIFACT_KINDS
 from .db import DatabaseError
+from .errors import JobError, JobNotFound
 from .schema import STATUSES
-from .service import ARTIFACT_KINDS, JobError, JobNotFound, JobService
+from .service import JobService
 
 USAGE, FAILURE = 2, 1
 

@@ -11,13 +11,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .access import ServiceBase
+from .errors import JobNotFound, QuotaError, row_id
 from .schema import ACTIVE, Study
 
 DEFAULT_TOKENS_PER_S = 400.0  # bench/RESULTS.md: LoRA on SmolLM2 on this 2-core CPU
 
 
-class StudiesAPI:
-    """Mixin of ``JobService``: needs ``db``, ``check_spec``, ``submit``, ``get``, ``cancel``, ``resume``."""
+class StudiesAPI(ServiceBase):
+    """Mixin of ``JobService``: needs ``check_spec``, ``submit``, ``get``, ``list_jobs``, ``cancel``, ``resume``,
+    ``resume_point``, ``list_evaluations`` and ``eval_samples``."""
 
     def plan_study(self, study: Any) -> dict[str, Any]:
         """Validate a study and say what launching it means: its cells and an estimated time."""
@@ -25,8 +28,6 @@ class StudiesAPI:
 
         study = study if isinstance(study, StudySpec) else StudySpec.from_dict(study)
         if not self.actor.admin and study.size() > self.limits.study_jobs:  # before making any cell
-            from .service import QuotaError
-
             raise QuotaError(f"the study has {study.size():,} jobs; this workbench launches at most "
                              f"{self.limits.study_jobs:,} per study: vary fewer values or seeds")
         study.validate()
@@ -74,8 +75,6 @@ class StudiesAPI:
             s.get(Study, study_id).cells = cells
 
     def get_study(self, study_id: int) -> dict[str, Any]:
-        from .service import JobNotFound, row_id
-
         with self.db.read() as s:
             row = s.get(Study, row_id(study_id, "study"))
             if row is None or not self.may_see(row.owner):

@@ -14,7 +14,7 @@ import pytest
 from core.config import ConfigError
 from core.train import latest_checkpoint
 from jobs import JobService, Worker, start_worker_thread
-from jobs.service import CHECK_ROWS
+from jobs.checks import CHECK_ROWS
 from tests.test_jobs_support import (cli, make_service, start_worker_process, tiny_spec, kill_worker_mid_job, wait_final,
                                      wait_for, write_data)
 

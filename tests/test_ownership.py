@@ -15,7 +15,8 @@ import pytest
 from core.config import ConfigError, JobSpec
 from core.deployment import SYSTEM, Actor, Deployment
 from jobs.schema import Job
-from jobs.service import JobError, JobNotFound, JobService, QuotaError
+from jobs.errors import JobError, JobNotFound, QuotaError
+from jobs.service import JobService
 
 ALICE, BOB = Actor("anon:alice0000000000"), Actor("anon:bob000000000000")
 
