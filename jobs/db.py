@@ -305,11 +305,19 @@ def _m3_owners(conn: Connection) -> None:
     Upload.__table__.create(conn, checkfirst=True)
 
 
+def _m4_metric_names(conn: Connection) -> None:
+    """Version 4: metric points use ``core.metrics``' names (``type`` step/eval, ``loss``)."""
+    conn.exec_driver_sql("ALTER TABLE metric_points RENAME COLUMN kind TO type")
+    conn.exec_driver_sql("ALTER TABLE metric_points RENAME COLUMN train_loss TO loss")
+    conn.exec_driver_sql("UPDATE metric_points SET type = 'step' WHERE type = 'train'")
+
+
 # (version, description, function taking a Connection inside a transaction), in order.
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: jobs, metric_points, evaluations, eval_samples", _m1_initial),
     (2, "studies", _m2_studies),
     (3, "owners and uploads", _m3_owners),
+    (4, "metric names of core.metrics", _m4_metric_names),
 ]
 
 

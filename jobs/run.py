@@ -27,7 +27,6 @@ buffered points are written. Two environment variables exist for tests and demos
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -41,6 +40,7 @@ import sqlalchemy as sa
 import core
 from core.config import JobSpec
 from core.deployment import current
+from core.metrics import eval_record, finite, step_record
 
 from .schema import Job, MetricPoint, utcnow
 from .service import JobService, worker_tag
@@ -81,13 +81,6 @@ class StopFlag:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
-
-
-def _finite(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 class Recorder:
@@ -177,11 +170,9 @@ def _train_callbacks(rec: Recorder, stop: StopFlag, budget: Budget):
         def on_step(self, r: Any) -> None:
             if rec.due():  # before adding: a step's points (train + validation) are always written together
                 rec.flush()
-            rec.add(kind="train", step=r.step, epoch=_finite(r.epoch), train_loss=_finite(r.loss), lr=_finite(r.lr),
-                    grad_norm=_finite(r.grad_norm), tokens_per_s=_finite(r.tokens_per_s),
-                    elapsed_s=_finite(r.elapsed_s))
-            rec.update(step=r.step, total_steps=r.total_steps, epoch=_finite(r.epoch), eta_s=_finite(r.eta_s),
-                       last_loss=_finite(r.loss))
+            rec.add(**step_record(r))
+            rec.update(step=r.step, total_steps=r.total_steps, epoch=finite(r.epoch), eta_s=finite(r.eta_s),
+                       last_loss=finite(r.loss))
             self.step = r.step
             print(f"step {r.step}/{r.total_steps} loss {r.loss:.4f} lr {r.lr:.2e} grad {r.grad_norm:.3f} "
                   f"{r.tokens_per_s:,.0f} tok/s eta {r.eta_s:,.0f}s", flush=True)
@@ -191,10 +182,10 @@ def _train_callbacks(rec: Recorder, stop: StopFlag, budget: Budget):
                 time.sleep(delay)
 
         def on_eval(self, r: Any) -> None:
-            rec.add(kind="eval", step=r.step, epoch=_finite(r.epoch), val_loss=_finite(r.val_loss))
+            rec.add(**eval_record(r))
             if r.val_loss is not None and (self.best is None or r.val_loss < self.best):
                 self.best = r.val_loss
-                rec.update(best_val_loss=_finite(r.val_loss))
+                rec.update(best_val_loss=finite(r.val_loss))
             print(f"step {r.step}: validation loss {r.val_loss:.4f}", flush=True)
 
         def on_checkpoint(self, step: int, path: Path) -> None:
@@ -213,7 +204,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, float):
-        return _finite(value)
+        return finite(value)
     if value is None or isinstance(value, (str, int, bool)):
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -237,8 +228,8 @@ def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: Sto
         print(f"== resuming from {resume}", flush=True)
     result = train(spec, out_dir, _train_callbacks(rec, stop, budget), resume_from=resume)
     values: dict[str, Any] = dict(
-        step=result.steps, total_steps=result.total_steps, best_val_loss=_finite(result.best_val_loss),
-        last_loss=_finite(result.final_loss), phase=None,
+        step=result.steps, total_steps=result.total_steps, best_val_loss=finite(result.best_val_loss),
+        last_loss=finite(result.final_loss), phase=None,
         result=_jsonable({"status": result.status, "steps": result.steps, "total_steps": result.total_steps,
                           "final_loss": result.final_loss, "best_val_loss": result.best_val_loss,
                           "adapter_dir": str(result.adapter_dir), "elapsed_s": result.elapsed_s,

@@ -72,17 +72,18 @@ class Job(Base):
 
 
 class MetricPoint(Base):
-    """One logged training step (``kind='train'``: loss, lr, ...) or validation (``kind='eval'``: val_loss)."""
+    """One logged training step (``type='step'``: loss, lr, ...) or validation (``type='eval'``: val_loss);
+    the columns are the names of ``core.metrics``, from the trainer's reports to the charts."""
 
     __tablename__ = "metric_points"
     __table_args__ = (sa.Index("ix_metric_points_job_step", "job_id", "step"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(sa.String(8), default="train")
+    type: Mapped[str] = mapped_column(sa.String(8), default="step")
     step: Mapped[int] = mapped_column(sa.Integer)
     epoch: Mapped[float | None] = mapped_column(sa.Float)
-    train_loss: Mapped[float | None] = mapped_column(sa.Float)
+    loss: Mapped[float | None] = mapped_column(sa.Float)
     val_loss: Mapped[float | None] = mapped_column(sa.Float)
     lr: Mapped[float | None] = mapped_column(sa.Float)
     grad_norm: Mapped[float | None] = mapped_column(sa.Float)

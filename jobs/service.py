@@ -74,10 +74,8 @@ def job_dict(job: Job) -> dict[str, Any]:
 
 
 def metric_dict(p: MetricPoint) -> dict[str, Any]:
-    """A metric point; ``loss`` on training steps, ``val_loss`` on validations (the shape app.charts reads)."""
-    return {"id": p.id, "job_id": p.job_id, "type": "step" if p.kind == "train" else "eval", "step": p.step,
-            "epoch": p.epoch, "loss": p.train_loss, "val_loss": p.val_loss, "lr": p.lr, "grad_norm": p.grad_norm,
-            "tokens_per_s": p.tokens_per_s, "elapsed_s": p.elapsed_s, "wall_time": p.wall_time}
+    """A metric point as ``core.metrics`` names it (the shape app.charts reads), with its id, job and time."""
+    return {c.name: getattr(p, c.name) for c in MetricPoint.__table__.columns}
 
 
 def checkpoint_step(path: str | Path | None) -> int | None:

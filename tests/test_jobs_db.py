@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from core import ConfigError
-from jobs import JobError, JobNotFound
+from jobs import JobError, JobNotFound, JobService
 from jobs import db as jobs_db
 from jobs.run import run_job
 from jobs.schema import Base
@@ -178,7 +178,7 @@ WRITER = textwrap.dedent("""
     rec = Recorder(service, job_id)
     start = time.monotonic()
     for i in range(1, n + 1):
-        rec.add(kind="train", step=i, train_loss=1.0 / i, lr=1e-3)
+        rec.add(type="step", step=i, loss=1.0 / i, lr=1e-3)
         rec.update(step=i)
         rec.flush()                      # one transaction per point: the worst case
         rec.cancel_requested()
@@ -345,3 +345,23 @@ def test_ids_and_run_directories_are_never_reused(service, tiny_model_dir, data)
     out.mkdir()
     service.delete(second)
     assert not out.exists() and stale.exists()
+
+
+def test_version_3_metric_points_get_the_metric_names(tmp_path):
+    """Before version 4 a point was ``kind='train'`` with ``train_loss``; migrated, it reads as the trainer
+    reports it (``type='step'``, ``loss``) and nothing is lost."""
+    url = f"sqlite:///{tmp_path / 'v3.db'}"
+    engine = sa.create_engine(url)
+    jobs_db.migrate(engine, jobs_db.MIGRATIONS[:3])
+    with engine.begin() as conn:  # today's models, stamped 3: put back version 3's column names
+        conn.exec_driver_sql("ALTER TABLE metric_points RENAME COLUMN type TO kind")
+        conn.exec_driver_sql("ALTER TABLE metric_points RENAME COLUMN loss TO train_loss")
+        conn.exec_driver_sql("INSERT INTO jobs (name, kind, status, spec, step, cancel_requested, created_at, owner) "
+                             "VALUES ('old', 'train', 'succeeded', '{}', 2, 0, '2026-01-01 00:00:00', 'local')")
+        conn.exec_driver_sql("INSERT INTO metric_points (job_id, kind, step, train_loss, wall_time) "
+                             "VALUES (1, 'train', 1, 2.5, 0), (1, 'eval', 1, NULL, 0)")
+    engine.dispose()
+    svc = JobService(url, home=tmp_path / "home")
+    points = svc.metrics(1)
+    assert [(p["type"], p["step"], p["loss"]) for p in points] == [("step", 1, 2.5), ("eval", 1, None)]
+    svc.close()
