@@ -1,13 +1,16 @@
 """Adapter modules, one file per family; each file also declares and registers its methods.
 
 ``core.methods`` imports this package on first use, so the order of the imports below is the order of
-the methods in the registry (and in the UI): LoRA; series, parallel; prefix, prompt, P-tuning.
+the methods in the registry (and in the UI): LoRA; series, parallel; prefix, prompt, P-tuning; (IA)³;
+VeRA.
 """
 
 from .base import AdapterModule
 from .lora import LoraLinear
 from .bottleneck import ParallelAdapter, SeriesAdapter
 from .prompt import PrefixTuning, PromptTuning, PTuning, VirtualTokens
+from .ia3 import Ia3Linear
+from .vera import VeraLinear
 
 __all__ = ["AdapterModule", "LoraLinear", "SeriesAdapter", "ParallelAdapter", "VirtualTokens",
-           "PrefixTuning", "PromptTuning", "PTuning"]
+           "PrefixTuning", "PromptTuning", "PTuning", "Ia3Linear", "VeraLinear"]
