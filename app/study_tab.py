@@ -86,7 +86,7 @@ def build_study(base: JobSpec, inputs: dict[str, Any]) -> StudySpec:
     known = [m for m in registry.all() if m.name in chosen]
     placements = {m.name: list(inputs.get(f"placements.{m.name}") or []) for m in known if m.placements}
     values = {m.name: sorted(dict.fromkeys(parse_ints(inputs.get(f"values.{m.name}"), f"values.{m.name}")))
-              for m in known}
+              for m in known if m.value_setting}
     seeds = list(dict.fromkeys(parse_ints(inputs.get("seeds"), "seeds")))
     base = JobSpec.from_dict(base.to_dict())
     if inputs.get("benchmarks"):
@@ -119,8 +119,9 @@ def preset_inputs(preset: str, base: JobSpec | None = None) -> dict[str, Any]:
     for m in registry.all():
         if m.placements:
             out[f"placements.{m.name}"] = list(study.placements.get(m.name) or [m.placements.default])
-        vals = study.values.get(m.name) or [getattr(m.settings(), m.value_setting)]
-        out[f"values.{m.name}"] = ",".join(map(str, vals))
+        if m.value_setting:
+            vals = study.values.get(m.name) or [getattr(m.settings(), m.value_setting)]
+            out[f"values.{m.name}"] = ",".join(map(str, vals))
     return out
 
 
@@ -383,8 +384,9 @@ def build_study_tab(service: Any, train: Any = None) -> StudyTab:
                     placements[m.name] = gr.CheckboxGroup(choices=list(m.placements.options), scale=2,
                                                           value=start[f"placements.{m.name}"],
                                                           label=f"{m.label} placements")
-                values[m.name] = gr.Textbox(value=start[f"values.{m.name}"], label=f"{m.label} values "
-                                            f"({m.value_setting})", info="e.g. 4,8,16,32", scale=2)
+                if m.value_setting:
+                    values[m.name] = gr.Textbox(value=start[f"values.{m.name}"], label=f"{m.label} values "
+                                                f"({m.value_setting})", info="e.g. 4,8,16,32", scale=2)
     with gr.Row(equal_height=True):
         seeds = gr.Textbox(value="42", label="seeds", info="42 or 1,2,3: each configuration trains once per seed",
                            scale=1)

@@ -97,7 +97,8 @@ class Method:
         build: makes the adapter modules without putting them in place (see ``Builder``); ``attach``
             validates the config, freezes the model and installs what ``build`` returns.
         draw: settings as a dict (possibly half-filled, from a form being typed in) -> ``Drawing``.
-        value_setting: the numeric setting a study's value axis varies (LoRA: ``r``).
+        value_setting: the numeric setting a study's value axis varies (LoRA: ``r``); None for a method
+            with nothing numeric to vary ((IA)³): its study cells differ by placement and seed only.
         placements: the study's placement axis, or None when the method has none.
         sweep: hidden size -> the values the paper's hyperparameter study tries; None: not in it.
         presets: the paper's names for configurations of this method -> settings overrides.
@@ -116,7 +117,7 @@ class Method:
     settings: type
     build: Builder
     draw: Callable[[Mapping[str, Any]], Drawing]
-    value_setting: str
+    value_setting: str | None
     placements: Placements | None = None
     sweep: Callable[[int], list[int]] | None = None
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -154,7 +155,7 @@ def register(method: Method) -> Method:
             and dataclasses.is_dataclass(method.settings)):
         raise ValueError(f"{method.name}: settings must be a core.config.Settings dataclass")
     fields = {f.name for f in dataclasses.fields(method.settings)}
-    if method.value_setting not in fields:
+    if method.value_setting is not None and method.value_setting not in fields:
         raise ValueError(f"{method.name}: value_setting {method.value_setting!r} is not a field of "
                          f"{method.settings.__name__}")
     places = method.placements.options if method.placements else {}

@@ -65,6 +65,8 @@ class StudySpec:
                                                      f"({method.placements.default})")
         for m, values in self.values.items():
             method = methods.get(m)
+            if method.value_setting is None:
+                raise ConfigError(f"values.{m}", f"{method.label} has no value to vary; leave {m} out of values")
             if not values:
                 default = getattr(method.settings(), method.value_setting)
                 raise ConfigError(f"values.{m}", f"give at least one {method.value_setting} for {method.label}, or "
@@ -176,7 +178,7 @@ class Cell:
 
     method: str
     placement: str | None
-    setting: str
+    setting: str | None  # None: the method has no value axis
     value: Any
     seed: int
     spec: JobSpec
@@ -185,7 +187,7 @@ class Cell:
     def config_label(self) -> str:
         """The configuration without the seed (cells differing only in seed share it)."""
         place = f" @{self.placement}" if self.placement else ""
-        return f"{self.method}{place} {self.setting}={self.value}"
+        return f"{self.method}{place}" + (f" {self.setting}={self.value}" if self.setting else "")
 
     def coordinates(self) -> dict[str, Any]:
         return {"method": self.method, "placement": self.placement, "setting": self.setting,
@@ -199,17 +201,18 @@ def expand(study: StudySpec) -> list[Cell]:
         method = methods.get(name)
         setting, axis = method.value_setting, method.placements
         places = study.placements.get(name) or ([axis.default] if axis else [None])
-        values = study.values.get(name) or [getattr(method.settings(), setting)]
+        values = study.values.get(name) or [getattr(method.settings(), setting) if setting else None]
         for place in places:
             for value in values:
                 for seed in study.seeds:
                     spec = copy.deepcopy(study.base)
-                    overrides = {setting: value, **(axis.options[place] if place else {})}
+                    overrides = {**({setting: value} if setting else {}), **(axis.options[place] if place else {})}
                     spec.adapter = AdapterConfig.for_method(name, layers=study.base.adapter.layers
                                                             if study.base.adapter.method == name else "all",
                                                             **overrides)
                     spec.train.seed = seed
-                    spec.name = f"{study.name}: {name}{' @' + place if place else ''} {setting}={value} seed {seed}"
+                    shown = f" {setting}={value}" if setting else ""
+                    spec.name = f"{study.name}: {name}{' @' + place if place else ''}{shown} seed {seed}"
                     cells.append(Cell(name, place, setting, value, seed, spec))
     return cells
 

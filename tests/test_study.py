@@ -90,3 +90,16 @@ def test_study_json_roundtrip():
     study = placement_study(base())
     again = StudySpec.from_json(study.to_json())
     assert again.to_dict() == study.to_dict()
+
+
+def test_a_method_without_a_value_axis_varies_by_seed_only():
+    """(IA)³ has nothing numeric to vary: its cells differ by seed, and giving it values is an error."""
+    base = JobSpec()
+    base.eval.benchmarks = ["builtin:math"]
+    study = StudySpec(name="ia3", base=base, methods=["ia3"], seeds=[1, 2]).validate()
+    cells = expand(study)
+    assert [(c.setting, c.value, c.seed) for c in cells] == [(None, None, 1), (None, None, 2)]
+    assert cells[0].config_label == "ia3" and cells[0].spec.adapter.method == "ia3"
+    with pytest.raises(ConfigError, match="no value to vary") as err:
+        StudySpec(name="ia3", base=base, methods=["ia3"], values={"ia3": [4]}).validate()
+    assert err.value.field == "values.ia3"

@@ -203,6 +203,6 @@ IA3 = register(Method(
     # (IA)³ has no numeric hyperparameter to vary, but the registry requires a value_setting: the
     # targets, which a study leaves at their default. No placement axis: the paper's placement grid
     # (every method with placements) is LoRA's and the bottleneck adapters'.
-    name="ia3", label="(IA)³", settings=Ia3Settings, build=build, draw=draw, value_setting="targets",
+    name="ia3", label="(IA)³", settings=Ia3Settings, build=build, draw=draw, value_setting=None,
     presets={"IA3": {}}, merges=True, peft=peft_layout,
 ))
