@@ -306,9 +306,13 @@ def _m3_owners(conn: Connection) -> None:
 
 
 def _m4_metric_names(conn: Connection) -> None:
-    """Version 4: metric points use ``core.metrics``' names (``type`` step/eval, ``loss``)."""
-    conn.exec_driver_sql("ALTER TABLE metric_points RENAME COLUMN kind TO type")
-    conn.exec_driver_sql("ALTER TABLE metric_points RENAME COLUMN train_loss TO loss")
+    """Version 4: metric points use ``core.metrics``' names (``type`` step/eval, ``loss``). (A database
+    whose version 1 was made from later models has them already.)"""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("metric_points")}
+    if "kind" in columns:
+        conn.exec_driver_sql("ALTER TABLE metric_points RENAME COLUMN kind TO type")
+    if "train_loss" in columns:
+        conn.exec_driver_sql("ALTER TABLE metric_points RENAME COLUMN train_loss TO loss")
     conn.exec_driver_sql("UPDATE metric_points SET type = 'step' WHERE type = 'train'")
 
 
