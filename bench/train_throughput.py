@@ -3,12 +3,13 @@
     .venv/bin/python bench/train_throughput.py [--steps 6] [--methods lora,series,...] [--data PATH]
 
 Naive = the plain Hugging Face recipe: fp32 weights, every row padded to the cut-off, the model's own
-forward with ``labels`` (logits over the whole vocabulary at every position), and for LoRA the PEFT
-formulation (``nn.Dropout`` per module). Ours = ``core.train``:
-bf16 frozen weights under autocast where the CPU supports it, length-grouped batches padded to their
-longest row, logits only at labelled positions. Each side runs in its own process (so peak memory is
-its own); the figure is non-padding tokens per second over the timed steps (the first step is a
-warm-up and not counted). Last line: ``lora_speedup_vs_naive: <x>``.
+forward with ``labels`` (logits over the whole vocabulary at every position), and the adapters with
+``kernels="reference"`` (for LoRA the PEFT formulation: autograd, ``nn.Dropout`` per module). Ours =
+``core.train`` with its defaults: bf16 frozen weights under autocast where the CPU supports it,
+length-grouped batches padded to their longest row, and ``kernels="fast"`` (logits only at labelled
+positions, a chunk at a time, and the other CPU speed paths of ``core.train.KERNELS``). Each side runs
+in its own process (so peak memory is its own); the figure is non-padding tokens per second over the
+timed steps (the first step is a warm-up and not counted). Last line: ``lora_speedup_vs_naive: <x>``.
 """
 
 from __future__ import annotations
@@ -59,44 +60,20 @@ def run_ours(method: str, data: str, steps: int, out: Path) -> dict:
             "loss": timer.marks[-1][2]}
 
 
-def peft_style_lora(model) -> None:
-    """Make our LoRA modules compute as PEFT's do: ``base(x) + B(A(nn.Dropout(x))) * scaling``.
-
-    The naive side is the plain recipe, so it gets the plain LoRA too: a Bernoulli dropout mask per
-    module and no scalars folded into the weights (ours shares one cheaper mask among q, k and v).
-    """
-    import types
-
-    import torch.nn.functional as F
-    from torch import nn
-
-    from core.adapters.lora import LoraLinear
-
-    def forward(self, x):
-        y = self.base(x)
-        h = F.linear(F.linear(self.plain_dropout(x), self.lora_A), self.lora_B[0]) * self.scaling
-        return y + h
-
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and module.out_index is None:
-            module.plain_dropout = nn.Dropout(module.p)
-            module.forward = types.MethodType(forward, module)
-
-
 def run_naive(method: str, data: str, steps: int) -> dict:
     import torch
 
     import core
     from core import data as data_mod
     from core.models import load_model
-    from core.train import plan_epoch
+    from core.train import KERNELS, install_kernels, plan_epoch
 
     spec = spec_for(method, data, steps + 1)
     torch.manual_seed(0)
     loaded = load_model(spec.model)  # fp32
     model, tok = loaded.model, loaded.tokenizer
     core.attach(model, spec.adapter, tokenizer=tok)
-    peft_style_lora(model)
+    install_kernels(model, KERNELS["reference"], torch.device("cpu"))
     rows = data_mod.load_records(spec.data.source)
     examples = data_mod.tokenize_records(rows, tok, template="alpaca", cutoff_len=spec.data.cutoff_len).examples
     plan = plan_epoch([len(e.input_ids) for e in examples], 16, seed=42, epoch=0)

@@ -602,6 +602,9 @@ class TrainSettings(Settings):
     save_every: int = setting(50, "checkpoint every N steps (0 = only at the end)", min=0, max=MAX_COUNT, integer=True)
     log_every: int = setting(1, "report training loss every N steps", min=1, max=MAX_COUNT, integer=True)
     seed: int = setting(42, "random seed", min=0, max=INT64_MAX, integer=True)
+    kernels: str = setting("fast", "training speed paths: fast (CPU kernels, one dropout mask shared by q/k/v "
+                                   "LoRA) or reference (plain Hugging Face forward and autograd)",
+                           choices=("fast", "reference"))
 
     def check(self) -> None:
         if self.learning_rate <= 0:

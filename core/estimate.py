@@ -5,14 +5,26 @@ storage, a few milliseconds for a 135M model) and the adapter is attached to it 
 would, so the count *is* ``trainable_report`` of the real run, not a formula that could drift from the
 adapters. Only the model config is read from disk (or the hub), once per model per process.
 
-The memory figure is rough (stated as such in the UI): frozen weights in the compute dtype, adapter
-weights + gradients + AdamW moments in fp32, and activations kept for the backward pass::
+The memory figure is rough (stated as such in the UI) and counts what the trainer allocates, for the
+resident memory of the training process (``bench/estimate_memory.py`` checks it against the peak
+resident memory of real runs): frozen weights in the compute dtype, adapter weights + gradients +
+AdamW moments in fp32, the activations kept for the backward pass, the logits, and the process
+itself. With ``T = micro_batch * seq`` tokens (``seq`` the cut-off length plus any virtual tokens: the
+trainer packs a micro-batch up to that many padded tokens), ``h`` the hidden size, ``kv`` the key/value
+width, ``i`` the MLP width and ``b`` the bytes of the compute dtype::
 
-    activations ~ layers * micro_batch * seq * (10 h + 4 i + heads * seq) * bytes(dtype)
-    logits      ~ micro_batch * seq * vocab * 8          (fp32 logits and their gradient)
+    saved       = T * b * (layers * per_layer + adapter)
+    per_layer   = 3 h + 2 kv + 3 i + heads * seq   (fast: two norm inputs, rotated q, k, v, gated MLP,
+                                                    attention probabilities)
+                  8 h + 3 i                        (reference: fp32 norm inputs, SDPA's q, k, v, output)
+    adapter     = the input width of every trainable adapter matrix (its weight's gradient needs it)
+    activations = ACTIVATION_RSS_FACTOR * saved    (freed forward temporaries and backward gradients
+                                                    stay in the heap: see ``ACTIVATION_RSS_FACTOR``)
+    logits      = fast: one chunk of ``head_loss`` (min(T, 2^23 / vocab) tokens x vocab, in b + fp32 + b)
+                  reference: T x vocab in b, plus fp32 log-probabilities and their fp32 gradient
+    runtime     = RUNTIME_BYTES                    (Python, torch, transformers, tokenizer and data)
 
-with ``h`` the hidden size, ``i`` the MLP width and ``seq`` the cut-off length (an upper bound: rows
-are padded only to the longest row of their micro-batch).
+an upper bound where rows are shorter than the cut-off (attention probabilities grow with the row).
 """
 
 from __future__ import annotations
@@ -27,13 +39,21 @@ import torch
 
 from .config import AdapterConfig, ConfigError, DataSettings, ModelSettings, TrainSettings
 from .deployment import Deployment, current
-from .inject import adapter_state_dict, attach, trainable_report
+from .head_loss import CHUNK_ELEMENTS
+from .inject import adapter_state_dict, adapters_of, attach, trainable_report
 
 _configs: dict[tuple[str, str, bool], Any] = {}
 _configs_lock = threading.Lock()
 
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + two fp32 AdamW moments
-LOGIT_BYTES = 8  # fp32 logits and their gradient, per position per vocabulary entry
+# Resident memory of a training process after setup, less its model weights: 480-500 MB for SmolLM2 on
+# a CPU (340 MB of it Python, torch and transformers imported), measured by bench/estimate_memory.py.
+RUNTIME_BYTES = 480 * 2**20
+# Resident memory grows by about twice the activations autograd saves: the forward's freed temporaries
+# and the backward's gradients stay in the process's heap (``host_memory`` keeps it for speed) and
+# micro-batches of other lengths fragment it. Measured 1.9-2.3 for LoRA, series and prefix on SmolLM2
+# (bench/RESULTS.md, "Memory estimate").
+ACTIVATION_RSS_FACTOR = 2.1
 
 
 def model_config(settings: ModelSettings, deployment: Deployment | None = None) -> Any:
@@ -110,7 +130,8 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
 
     Returns ``trainable``, ``base``, ``percent``, ``per_kind``, ``modules`` (exactly
     ``trainable_report`` of the attached model), ``adapter_bytes`` (the fp32 ``adapter.safetensors``),
-    ``memory_bytes`` and its parts (``memory_parts``), and the model's ``model_type``, ``layers``,
+    ``memory_bytes`` and its parts (``memory_parts``: ``weights``, ``adapter_and_optimizer``,
+    ``activations``, ``logits``, ``runtime``; see the module docstring), and the model's ``model_type``, ``layers``,
     ``hidden_size`` and ``dtype``. Raises ``ConfigError`` naming the field for invalid settings (and
     ``core.sources.RemoteCodeError``, a ``ConfigError``, for a model whose own code would have to run:
     the UI shows its message in place of the estimate).
@@ -144,18 +165,34 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
     heads = int(getattr(cfg, "num_attention_heads", 0) or 1)
     inner = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "ffn_dim", 0)
                 or getattr(cfg, "n_inner", 0) or 4 * hidden)
+    kv = int(getattr(cfg, "num_key_value_heads", 0) or heads) * (hidden // heads)
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
     seq = int(data.cutoff_len) + _virtual_tokens(adapter_cfg)
     micro = int(train.micro_batch_size)
+    tokens = micro * seq
+    if train.kernels == "fast":
+        per_layer = 3 * hidden + 2 * kv + 3 * inner + heads * seq
+        chunk = min(tokens, max(1, CHUNK_ELEMENTS // max(vocab, 1)))
+        logits = chunk * vocab * (2 * nbytes + 4)
+    else:
+        per_layer = 8 * hidden + 3 * inner
+        logits = tokens * vocab * (nbytes + 8)
+    saved = tokens * nbytes * (layers * per_layer + _adapter_inputs(model))
     parts = {
         "weights": report["base"] * nbytes,
         "adapter_and_optimizer": report["trainable"] * ADAM_BYTES_PER_PARAM,
-        "activations": layers * micro * seq * (10 * hidden + 4 * inner + heads * seq) * nbytes,
-        "logits": micro * seq * vocab * LOGIT_BYTES,
+        "activations": int(ACTIVATION_RSS_FACTOR * saved),
+        "logits": logits,
+        "runtime": RUNTIME_BYTES,
     }
     return {**report, "adapter_bytes": safetensors_size(shapes), "memory_bytes": sum(parts.values()),
             "memory_parts": parts, "model_type": cfg.model_type, "layers": layers, "hidden_size": hidden,
             "dtype": dtype_name, "seq_len": seq, "micro_batch_size": micro}
+
+
+def _adapter_inputs(model: torch.nn.Module) -> int:
+    """Per token, the input width of every trainable adapter matrix: what its weight's gradient keeps."""
+    return sum(p.shape[-1] for adapter in adapters_of(model) for p in adapter.adapter_params() if p.dim() >= 2)
 
 
 def _virtual_tokens(cfg: AdapterConfig) -> int:

@@ -13,6 +13,11 @@ JIT-compiled code and buffers. Training meets new matmul shapes with every new m
 that cache only grows: +1.3 GB of resident memory after 40 LoRA steps on SmolLM2, and page faults
 with it. One micro-batch uses ~30 shapes; a 64-entry cache keeps those and was both smaller and
 faster here (10 steps: 2.7 GB and 626 tokens/s against 3.7 GB and 587; 16 entries thrash: 363).
+
+Which setting applies it: ``TrainSettings.kernels = "fast"`` (its ``memory`` part, ``core.train.KERNELS``),
+when a ``Trainer`` sets up on a CPU, before the model loads; ``"reference"`` leaves the allocator and
+oneDNN at their defaults. Both are process-level and not undone: a reference run later in the same
+process inherits them, so benches measure each setting in a process of its own (a job already runs in one).
 """
 
 from __future__ import annotations

@@ -1,20 +1,25 @@
 """The training recipe: setup -> train -> cleanup, reporting through callbacks, resumable exactly.
 
-Where the time goes on a CPU, and what this loop does about it:
+Where the time goes on a CPU, and what this loop does about it (the first two always, the rest the
+speed paths that ``TrainSettings.kernels = "fast"`` turns on, part by part in ``KERNELS``; "reference"
+trains through the plain Hugging Face forward and autograd instead, what tests compare with):
 
 - matmuls: the frozen base weights are kept in bf16 and the forward runs under bf16 autocast where
   the hardware has bf16 units (AMX / AVX-512-bf16 here, ~6x fp32); adapter weights stay fp32;
 - padding: examples are grouped by length (shuffled chunks sorted by length, then batches shuffled),
   micro-batches padded only to their own longest row;
-- the vocabulary projection: logits are computed only at positions whose next token is labelled
-  (prompt tokens masked from the loss never reach the 49k-wide head), a chunk of tokens at a time,
-  with their gradient made at once (``head_loss``): no full logits tensor is ever kept;
+- the vocabulary projection (``head_loss``): logits are computed only at positions whose next token
+  is labelled (prompt tokens masked from the loss never reach the 49k-wide head), a chunk of tokens at
+  a time, with their gradient made at once: no full logits tensor is ever kept;
 - memory passes: LLaMA-style RMSNorms take a three-pass forward and a hand-written backward
-  (``fast_norm``) instead of the upcasting original; grouped-query attention runs without copying
-  key/value heads (``fast_attention``); LoRA on a frozen bf16 linear trains through one written-out
-  autograd function (``adapters.lora``); dropout masks cost a quarter of the usual random numbers;
-- page faults and resident memory: freed activations stay in the process's heap for reuse, and
-  oneDNN's cache of matmul kernels is kept to 64 entries (``host_memory``).
+  (``norm``: ``fast_norm``) instead of the upcasting original; grouped-query attention runs without
+  copying key/value heads (``attention``: ``fast_attention``; eager attention for other models, which
+  beats SDPA on a CPU); LoRA on a frozen bf16 linear trains through one written-out autograd function
+  (``lora_function``: ``adapters.lora``); dropout masks cost a quarter of the usual random numbers and
+  LoRA modules reading the same input (q, k, v) share one mask (``dropout``: ``FastDropout``; this
+  changes LoRA's dropout slightly: the three projections see the same dropped features);
+- page faults and resident memory (``memory``, on a CPU; process-level): freed activations stay in the
+  process's heap for reuse, and oneDNN's cache of matmul kernels is kept to 64 entries (``host_memory``).
 
 The loss of an optimiser step is the mean over every labelled token of the whole batch, however it is
 cut into micro-batches, so gradient accumulation does not change the maths.
@@ -33,10 +38,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
 from . import fast_attention, fast_norm, host_memory
+from .adapters.base import FastDropout, MaskShare
 from .arch import arch_for, get_backbone
 from .config import ConfigError, JobSpec
 from .head_loss import head_loss
@@ -103,6 +110,39 @@ CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 CHUNK_BATCHES = 16  # length grouping sorts within chunks of this many batches, keeping epochs random
 
+# The speed paths each ``TrainSettings.kernels`` value turns on (see the module docstring); a bench can
+# hand ``Trainer`` any subset to measure what one part buys.
+KERNELS: dict[str, frozenset[str]] = {
+    "fast": frozenset({"memory", "attention", "norm", "head_loss", "lora_function", "dropout"}),
+    "reference": frozenset(),
+}
+
+
+def install_kernels(model: nn.Module, parts: frozenset[str] | set[str], device: torch.device) -> None:
+    """Put the model-level speed paths named in ``parts`` in place (adapter attached), the rest plain.
+
+    With none, the model computes as plain Hugging Face + autograd would: its own attention and norms
+    and, for every adapter, an independent ``nn.Dropout`` per module. Call on a freshly loaded model:
+    patched norms and attention are not put back. (``head_loss`` is ``Trainer.batch_loss``'s choice,
+    ``memory`` the process's, made before the model loads.)
+    """
+    if "attention" in parts and device.type == "cpu" and hasattr(model, "set_attn_implementation"):
+        # Measured on SmolLM2 with ~130-token rows: eager attention trains 16% faster than SDPA on CPU,
+        # and the grouped eager attention of ``fast_attention`` faster still.
+        if not fast_attention.patch(model):
+            model.set_attn_implementation("eager")
+    if "norm" in parts:
+        fast_norm.patch(model)
+    share = MaskShare()
+    for module in model.modules():
+        if hasattr(module, "use_training_kernels"):  # adapters with a fast route of their own (LoRA)
+            module.use_training_kernels("lora_function" in parts, "dropout" in parts, share)
+    if "dropout" not in parts:
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if type(child) is FastDropout and child.rescale:  # the bottleneck adapters' dropout
+                    setattr(parent, name, nn.Dropout(child.p))
+
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under ``out_dir/checkpoints``, or None."""
@@ -146,11 +186,16 @@ def pack_micro_batches(examples: list, token_budget: int) -> list[list]:
 class Trainer:
     """One training run of a ``JobSpec`` into ``out_dir``."""
 
-    def __init__(self, spec: JobSpec, out_dir: str | Path, callbacks: TrainCallbacks | None = None):
+    def __init__(self, spec: JobSpec, out_dir: str | Path, callbacks: TrainCallbacks | None = None,
+                 parts: frozenset[str] | set[str] | None = None):
+        """``parts``: the speed paths to use, by default ``KERNELS[spec.train.kernels]`` (benches only)."""
         self.spec = spec.validate()
         self.out_dir = Path(out_dir)
         self.cb = callbacks or TrainCallbacks()
         self.t = spec.train
+        self.parts = frozenset(KERNELS[self.t.kernels] if parts is None else parts)
+        if self.parts - KERNELS["fast"]:
+            raise ValueError(f"unknown kernel parts {sorted(self.parts - KERNELS['fast'])}")
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self, resume_from: str | Path | None = None) -> None:
@@ -160,17 +205,12 @@ class Trainer:
         """
         spec, t = self.spec, self.t
         self.device = resolve_device(spec.model.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and "memory" in self.parts:
             host_memory.retain_freed_memory()
             host_memory.limit_onednn_cache()
         self.dtype = resolve_dtype(spec.model.precision, self.device)
         loaded = load_model(spec.model, dtype=self.dtype if self.dtype != torch.float32 else None)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        if self.device.type == "cpu" and hasattr(self.model, "set_attn_implementation"):
-            # Measured on SmolLM2 with ~130-token rows: eager attention trains 16% faster than SDPA on CPU,
-            # and the grouped eager attention of ``fast_attention`` faster still.
-            if not fast_attention.patch(self.model):
-                self.model.set_attn_implementation("eager")
 
         records = data_mod.load_records(spec.data.source, spec.data.columns, spec.data.limit)
         train_rows, val_rows = data_mod.split_records(records, spec.data.val_size, t.seed)
@@ -185,7 +225,6 @@ class Trainer:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         attach(self.model, spec.adapter, tokenizer=self.tokenizer)
-        fast_norm.patch(self.model)
         spec_arch = arch_for(self.model, spec.adapter.arch)
         self.backbone = get_backbone(self.model, spec_arch)
         self.head = self.model.get_output_embeddings()
@@ -204,7 +243,8 @@ class Trainer:
         self.last_loss: float | None = None
         self.elapsed_before = 0.0
         if resume_from is not None:
-            self._restore(Path(resume_from))
+            self._restore(Path(resume_from))  # builds the adapter modules anew
+        install_kernels(self.model, self.parts, self.device)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "spec.json").write_text(spec.to_json())
         self.report = trainable_report(self.model)
@@ -229,16 +269,22 @@ class Trainer:
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed token loss of a micro-batch and its number of labelled tokens.
 
-        Runs the backbone, then the LM head only at positions whose next token is labelled.
+        With the ``head_loss`` part: the backbone, then the LM head only at positions whose next token
+        is labelled (``head_loss``). Without: the model's own forward, logits at every position, and
+        the cross-entropy Hugging Face computes on them (in fp32).
         """
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         labels = batch["labels"].to(self.device)
-        with self._autocast():
-            hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != -100
+        if "head_loss" not in self.parts:
+            with self._autocast():
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            return loss, int(keep.sum())
         with self._autocast():
+            hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             loss = head_loss(self.head, hidden[:, :-1][keep], targets[keep])
         return loss, int(keep.sum())
 

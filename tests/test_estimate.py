@@ -46,6 +46,30 @@ def test_memory_grows_with_batch_and_length(tiny_model_dir):
     assert small["memory_parts"]["adapter_and_optimizer"] == 16 * small["trainable"]
 
 
+def test_fast_logits_are_one_head_chunk_and_reference_logits_every_position(tiny_model_dir, monkeypatch):
+    """The trainer's fast head loss holds one chunk of logits at a time; the plain forward all of them."""
+    from core import estimate as module
+
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 2**12)  # ~10 tokens of the tiny vocabulary per chunk
+    settings, cfg = ModelSettings(name=str(tiny_model_dir)), AdapterConfig.for_method("lora")
+
+    def parts(micro, kernels):
+        train = TrainSettings(micro_batch_size=micro, batch_size=4, kernels=kernels)
+        return estimate(settings, cfg, DataSettings(cutoff_len=64), train)["memory_parts"]
+
+    assert parts(1, "fast")["logits"] == parts(4, "fast")["logits"] < parts(1, "reference")["logits"]
+    assert parts(4, "reference")["logits"] == 4 * parts(1, "reference")["logits"]
+    assert set(parts(1, "fast")) == {"weights", "adapter_and_optimizer", "activations", "logits", "runtime"}
+
+
+def test_activations_count_the_adapters_saved_inputs(tiny_model_dir):
+    settings = ModelSettings(name=str(tiny_model_dir))
+    few = estimate(settings, AdapterConfig.for_method("lora", targets=["q"]))["memory_parts"]
+    many = estimate(settings, AdapterConfig.for_method("lora", targets=["q", "v", "down"]))["memory_parts"]
+    assert few["activations"] < many["activations"]
+    assert few["runtime"] == many["runtime"] > 0
+
+
 @pytest.mark.parametrize("make, field", [
     (lambda d: (ModelSettings(name=str(d)), AdapterConfig.for_method("lora", r=0)), "adapter.r"),
     (lambda d: (ModelSettings(name=str(d)), AdapterConfig.for_method("lora", layers="0-9")), "adapter.layers"),

@@ -310,3 +310,81 @@ def test_cli_spec_prints_the_default_spec_and_ends_quietly_on_a_closed_pipe(caps
     proc.stdout.close()  # the reader is gone before the spec is written, as with `| head -1`
     _, err = proc.communicate(timeout=120)
     assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+# ------------------------------------------------------------------------------------------------------
+# The kernels switch: "fast" trains as "reference" (plain Hugging Face + autograd) does.
+
+@pytest.mark.parametrize("precision,rel", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_fast_kernels_train_like_the_reference(tiny_model_dir, tmp_path, precision, rel):
+    """Five steps without dropout (the two draw dropout masks differently) give the same losses."""
+    losses = {}
+    for kernels in ("fast", "reference"):
+        spec = tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json"), dropout=0.0, max_steps=5,
+                         eval_every=0, save_every=0, kernels=kernels)
+        spec.model.precision = precision
+        rec = Recorder()
+        train(spec, tmp_path / kernels, rec)
+        losses[kernels] = [r.loss for r in rec.steps]
+    assert len(losses["fast"]) == 5
+    assert losses["fast"] == pytest.approx(losses["reference"], rel=rel)
+    assert losses["fast"] != losses["reference"]  # two different routes, not one taken twice
+
+
+def _lora_dropouts(tiny_model_dir, tmp_path, kernels):
+    """The trainer's model with LoRA (dropout 0.5) on q, k, v, and each layer-0 dropout's output."""
+    spec = tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json"), dropout=0.5, kernels=kernels)
+    spec.adapter.settings.targets = ["q", "k", "v"]
+    trainer = Trainer(spec, tmp_path / kernels)
+    trainer.setup()
+    attn = trainer.model.model.layers[0].self_attn
+    outputs = {}
+    for role in ("q", "k", "v"):
+        module = getattr(attn, f"{role}_proj").dropout
+        module.register_forward_hook(lambda m, args, out, role=role: outputs.setdefault(role, out))
+    trainer.model.train()
+    trainer.batch_loss(core.data.collate(trainer.train_data.examples[:2], trainer.pad_id))
+    return trainer, {role: out == 0 for role, out in outputs.items()}
+
+
+def test_fast_shares_one_dropout_mask_among_q_k_v_and_reference_does_not(tiny_model_dir, tmp_path):
+    from core.adapters.base import FastDropout
+    from core.fast_attention import NAME
+
+    fast, dropped = _lora_dropouts(tiny_model_dir, tmp_path, "fast")
+    assert fast.model.config._attn_implementation == NAME
+    assert dropped["q"].float().mean() == pytest.approx(0.5, abs=0.1)
+    assert torch.equal(dropped["q"], dropped["k"]) and torch.equal(dropped["q"], dropped["v"])
+
+    reference, dropped = _lora_dropouts(tiny_model_dir, tmp_path, "reference")
+    assert reference.parts == frozenset()
+    assert reference.model.config._attn_implementation != NAME
+    assert not any(isinstance(m, FastDropout) for m in reference.model.modules())
+    assert not any("forward" in vars(m) for m in reference.model.modules())  # no patched norm
+    assert dropped["q"].float().mean() == pytest.approx(0.5, abs=0.1)
+    assert not torch.equal(dropped["q"], dropped["k"]) and not torch.equal(dropped["k"], dropped["v"])
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_keeps_one_minus_p_of_its_input(p, dtype):
+    """Over 2M draws the kept fraction is 1 - p within 4 standard errors; kept values scale by 1/(1-p)."""
+    from core.adapters.base import FastDropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(p).train()
+    x = torch.ones(1000, 250, dtype=dtype)
+    outs = [drop(x) for _ in range(8)]
+    kept = torch.stack([o != 0 for o in outs])
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    assert torch.equal(outs[0][kept[0]], torch.full((int(kept[0].sum()),), 1 / (1 - p), dtype=dtype))
+    # successive draws are independent: two masks agree where both keep or both drop
+    agree = (kept[0] == kept[1]).float().mean().item()
+    assert abs(agree - ((1 - p) ** 2 + p ** 2)) < 4 * (0.25 / kept[0].numel()) ** 0.5
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_trainer_refuses_unknown_kernel_parts(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="warp"):
+        Trainer(tiny_spec(tiny_model_dir, write_rows(tmp_path / "d.json")), tmp_path / "out", parts={"warp"})

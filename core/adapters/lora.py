@@ -81,6 +81,9 @@ class LoraLinear(AdapterModule):
         slices: ``None`` to adapt the whole output, or ``{role: output indices}`` for a fused layer.
         dropout_share: a dict shared by the LoRA modules of one model, so that those reading the same
             input tensor share one dropout mask (see ``FastDropout``).
+
+    A new module takes the fast training route; ``use_training_kernels`` (called by the trainer for
+    ``TrainSettings.kernels``) chooses between it and the plain one.
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float,
@@ -89,8 +92,8 @@ class LoraLinear(AdapterModule):
         self.base = base
         self.r = r
         self.scaling = alpha / r
-        self.dropout = FastDropout(dropout, dropout_share, rescale=False) if dropout > 0 else nn.Identity()
         self.p = dropout
+        self.use_training_kernels(fast_function=True, fast_dropout=True, dropout_share=dropout_share)
         self.transposed = is_conv1d(base)  # Conv1D stores its weight as (in, out)
         fan_in, fan_out = in_out_features(base)
         self.roles = list(slices) if slices else []
@@ -118,8 +121,9 @@ class LoraLinear(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.merged:
             return self.base(x)
-        # Scalars (dropout's 1 / (1 - p), alpha / r) are folded into the small A and B, not the activations.
-        a_scale = 1.0 / (1.0 - self.p) if self.training and self.p > 0 else 1.0
+        # Scalars (FastDropout's 1 / (1 - p), alpha / r) are folded into the small A and B, not the activations.
+        folds = self.training and self.p > 0 and not getattr(self.dropout, "rescale", True)
+        a_scale = 1.0 / (1.0 - self.p) if folds else 1.0
         if self._fused_path(x):
             return _LoraTrainFn.apply(x, self.dropout(x), self.base.weight, self.base.bias,
                                       self.lora_A, self.lora_B[0], a_scale, self.scaling)
@@ -132,10 +136,31 @@ class LoraLinear(AdapterModule):
         outs = [F.linear(part, (B * self.scaling).to(dtype)) for part, B in zip(h.split(self.r, -1), self.lora_B)]
         return y.index_add(-1, self.out_index, torch.cat(outs, -1).to(y.dtype))
 
+    def use_training_kernels(self, fast_function: bool, fast_dropout: bool,
+                             dropout_share: dict | None = None) -> None:
+        """Choose how this module trains (inference is the same either way).
+
+        Args:
+            fast_function: train a frozen bf16/fp16 ``nn.Linear`` through ``_LoraTrainFn``; False: the
+                autograd graph of ``base(x) + (dropout(x) A^T) (scaling B)^T``, as PEFT computes it.
+            fast_dropout: ``FastDropout`` (a quarter of the random numbers, ``1 / (1 - p)`` folded into
+                ``A``); False: an independent ``nn.Dropout`` of this module's own.
+            dropout_share: with ``fast_dropout``, a dict shared with the other LoRA modules of the model:
+                those reading the very same input tensor (q, k and v) then drop the same input features,
+                where independent dropouts would drop different ones.
+        """
+        self.fast_function = fast_function
+        if self.p <= 0:
+            self.dropout = nn.Identity()
+        elif fast_dropout:
+            self.dropout = FastDropout(self.p, dropout_share, rescale=False)
+        else:
+            self.dropout = nn.Dropout(self.p)
+
     def _fused_path(self, x: torch.Tensor) -> bool:
         """Training a plain frozen ``nn.Linear`` in bf16/fp16: the one-function route (``_LoraTrainFn``)."""
         weight = self.base.weight
-        return (self.training and torch.is_grad_enabled() and self.out_index is None
+        return (self.fast_function and self.training and torch.is_grad_enabled() and self.out_index is None
                 and type(self.base) is nn.Linear and x.dtype in (torch.bfloat16, torch.float16)
                 and weight.dtype == x.dtype and not weight.requires_grad
                 and (self.base.bias is None or not self.base.bias.requires_grad))
