@@ -150,7 +150,7 @@ def test_train_watch_chat_compare(page, workdir):
     page.get_by_role("button", name="Show config").click()
     _set(page, "learning rate", "0.001")
     page.get_by_role("button", name="Show config").click()
-    expect(error).to_be_hidden()
+    expect(error).to_be_hidden(timeout=30_000)  # the spec is checked as the service would (its data read)
     expect(page.get_by_text("python -m jobs submit spec.json")).to_be_attached()
     _shot(page, "2-train-config")
     page.get_by_role("button", name="Launch").click()
