@@ -109,10 +109,11 @@ def main() -> None:
     print("| method | estimate | weights | adapter & AdamW | activations | logits | runtime | measured peak "
           "| error |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    from core.models import load_config
+    from core.embedded import ensure_converted
 
-    load_config(spec_for("lora", args.data, 1).model)  # a fresh home converts the embedded model here, not
-    errors = {}                                         # in a measured process (its heap would keep it)
+    # A fresh home converts the embedded model here, not in a measured process (its heap would keep it).
+    ensure_converted(spec_for("lora", args.data, 1).model.name)
+    errors = {}
     for method in args.methods.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "--method", method, "--steps", str(args.steps), "--data", args.data,
