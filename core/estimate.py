@@ -21,7 +21,7 @@ width, ``i`` the MLP width and ``b`` the bytes of the compute dtype::
     activations = ACTIVATION_RSS_FACTOR * saved    (freed forward temporaries and backward gradients
                                                     stay in the heap: see ``ACTIVATION_RSS_FACTOR``)
     logits      = fast: one chunk of ``head_loss`` (min(T, 2^23 / vocab) tokens x vocab, in b + fp32 + b)
-                  reference: T x vocab in b, plus fp32 log-probabilities and their fp32 gradient
+                  reference: T x vocab in b, its fp32 copy, fp32 log-probabilities and their gradient
     runtime     = RUNTIME_BYTES                    (Python, torch, transformers, tokenizer and data)
 
 an upper bound where rows are shorter than the cut-off (attention probabilities grow with the row).
@@ -176,7 +176,7 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
         logits = chunk * vocab * (2 * nbytes + 4)
     else:
         per_layer = 8 * hidden + 3 * inner
-        logits = tokens * vocab * (nbytes + 8)
+        logits = tokens * vocab * (nbytes + 12)
     saved = tokens * nbytes * (layers * per_layer + _adapter_inputs(model))
     parts = {
         "weights": report["base"] * nbytes,
