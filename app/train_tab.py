@@ -126,7 +126,8 @@ def estimate_markdown(est: dict[str, Any]) -> str:
         f"**{human_bytes(est['adapter_bytes'])}** | **{human_bytes(est['memory_bytes'])}** |\n\n"
         f"<small>{est['modules']} adapter modules · memory = weights {human_bytes(parts['weights'])} + "
         f"adapter & AdamW {human_bytes(parts['adapter_and_optimizer'])} + activations "
-        f"{human_bytes(parts['activations'])} + logits {human_bytes(parts['logits'])} "
+        f"{human_bytes(parts['activations'])} + logits {human_bytes(parts['logits'])} + runtime "
+        f"{human_bytes(parts['runtime'])} "
         f"(micro-batch {est['micro_batch_size']} × {est['seq_len']} tokens)</small>")
 
 
