@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from core.config import ConfigError
+from core.fields import ConfigError
 
 log = logging.getLogger("workbench.ui")
 

@@ -61,7 +61,8 @@ def disagreement_table(service: Any, matrix: dict[str, Any], benchmark: str | No
 def run_evaluations(service: Any, models: list[str] | None, benchmarks: list[str] | None, limit: Any,
                     max_new_tokens: Any) -> dict:
     """Queue one evaluation job per model: (message box). Nothing is queued when the choice is invalid."""
-    from core.config import ConfigError, EvalSettings
+    from core.config import EvalSettings
+    from core.fields import ConfigError
 
     try:
         if not models:

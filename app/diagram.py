@@ -18,7 +18,7 @@ from typing import Any
 
 from core import methods
 from core.arch import ARCHITECTURES
-from core.config import ConfigError
+from core.fields import ConfigError
 from core.methods import Drawing
 
 FROZEN = {"fill": "#eef2f7", "stroke": "#94a3b8", "text": "#334155"}

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import gradio as gr
 
-from core.config import ConfigError, fields_of, parse_json
+from core.fields import ConfigError, fields_of, parse_json
 
 
 def _label(name: str) -> str:

@@ -21,7 +21,9 @@ import gradio as gr
 import plotly.io as pio
 
 from core import methods as registry
-from core.config import ConfigError, JobSpec
+from core.config import PRESETS as CONFIG_PRESETS
+from core.config import JobSpec
+from core.fields import ConfigError
 from core.study import StudySpec, hyperparameter_study, placement_study
 from jobs.compare import JOB_KEY, job_key, parse_model_key
 
@@ -77,11 +79,35 @@ def parse_ints(text: Any, field: str) -> list[int]:
     return out
 
 
+def entry_choices() -> list[tuple[str, str]]:
+    """(label, value) of what a study can compare: each method, then each preset (a method with settings
+    of its own, e.g. DoRA, PiSSA, AdapterH), labelled with its method."""
+    return [*((m.label, m.name) for m in registry.all()),
+            *((f"{p} ({registry.label(method)} preset)", p) for p, (method, _) in CONFIG_PRESETS.items())]
+
+
+def parse_learning_rates(text: Any) -> dict[str, float]:
+    """``"ia3=3e-3, vera=1e-2"`` (commas or spaces) -> ``{"ia3": 0.003, "vera": 0.01}``;
+    ``ConfigError('learning_rates')`` for anything else."""
+    out: dict[str, float] = {}
+    for item in str(text or "").replace(",", " ").split():
+        entry, sep, value = item.partition("=")
+        if entry in out:
+            raise ConfigError("learning_rates", f"{entry[:40]} is given twice")
+        try:
+            if not sep or not entry:
+                raise ValueError
+            out[entry] = float(value)
+        except ValueError:
+            raise ConfigError("learning_rates", f"{item[:40]!r}: write method=rate, e.g. ia3=3e-3") from None
+    return out
+
+
 def build_study(base: JobSpec, inputs: dict[str, Any]) -> StudySpec:
     """The study of the widgets, checked by ``StudySpec.validate`` (errors name ``methods``,
-    ``placements.<method>``, ``values.<method>``, ``seeds``, ``eval.benchmarks``). ``inputs``: ``name``,
-    ``methods``, ``seeds`` (text), ``benchmarks`` (list; empty = the base job's), ``placements.<method>``
-    (list), ``values.<method>`` (text)."""
+    ``placements.<method>``, ``values.<method>``, ``seeds``, ``learning_rates``, ``eval.benchmarks``).
+    ``inputs``: ``name``, ``methods`` (methods and presets), ``seeds`` (text), ``learning_rates`` (text),
+    ``benchmarks`` (list; empty = the base job's), ``placements.<method>`` (list), ``values.<method>`` (text)."""
     chosen = list(inputs.get("methods") or [])
     known = [m for m in registry.all() if m.name in chosen]
     placements = {m.name: list(inputs.get(f"placements.{m.name}") or []) for m in known if m.placements}
@@ -93,7 +119,7 @@ def build_study(base: JobSpec, inputs: dict[str, Any]) -> StudySpec:
         base.eval.benchmarks = list(inputs["benchmarks"])
     name = str(inputs.get("name") or "").strip() or "study"
     return StudySpec(name=name, base=base, methods=chosen, placements=placements, values=values,
-                     seeds=seeds).validate()
+                     seeds=seeds, learning_rates=parse_learning_rates(inputs.get("learning_rates"))).validate()
 
 
 def hidden_size(base: JobSpec) -> int:
@@ -145,7 +171,7 @@ def plan_markdown(p: dict[str, Any]) -> str:
     study = p["study"]
     per_method = {}
     for c in p["cells"]:
-        per_method[c.method] = per_method.get(c.method, 0) + 1
+        per_method[c.entry] = per_method.get(c.entry, 0) + 1
     split = " · ".join(f"{registry.label(m)} {n}" for m, n in per_method.items())
     return (f"**{p['num_jobs']} jobs** ({split}; {len(study.seeds)} seed(s) each) · estimated training time "
             f"**{fmt_duration(p['estimated_s']) or '?'}** · then {len(study.base.eval.benchmarks)} benchmark(s) per "
@@ -315,6 +341,7 @@ class StudyTab:
     placements: dict[str, Any]
     values: dict[str, Any]
     seeds: Any
+    learning_rates: Any
     benchmarks: Any
     plan_button: Any
     launch_button: Any
@@ -342,12 +369,14 @@ class StudyTab:
 
     @property
     def input_paths(self) -> list[str]:
-        return ["base", "name", "methods", "seeds", "benchmarks", *[f"placements.{m}" for m in self.placements],
+        return ["base", "name", "methods", "seeds", "learning_rates", "benchmarks",
+                *[f"placements.{m}" for m in self.placements],
                 *[f"values.{m}" for m in self.values]]
 
     @property
     def input_components(self) -> list[Any]:
-        return [self.base, self.name, self.methods, self.seeds, self.benchmarks, *self.placements.values(),
+        return [self.base, self.name, self.methods, self.seeds, self.learning_rates, self.benchmarks,
+                *self.placements.values(),
                 *self.values.values()]
 
     def as_inputs(self, values: list[Any]) -> dict[str, Any]:
@@ -374,8 +403,8 @@ def build_study_tab(service: Any, train: Any = None) -> StudyTab:
         name = gr.Textbox(value=start["name"], label="study name", scale=2)
         preset = gr.Dropdown(choices=list(PRESETS), value=PRESET_PLACEMENT, label="preset", scale=2,
                              info="the paper's grids; edit them freely")
-    methods = gr.CheckboxGroup(choices=[(m.label, m.name) for m in registry.all()], value=start["methods"],
-                               label="methods")
+    methods = gr.CheckboxGroup(choices=entry_choices(), value=start["methods"], label="methods and presets",
+                               info="a preset trains its method with the preset's own settings and placement")
     placements, values = {}, {}
     with gr.Group():
         for m in registry.all():
@@ -390,6 +419,8 @@ def build_study_tab(service: Any, train: Any = None) -> StudyTab:
     with gr.Row(equal_height=True):
         seeds = gr.Textbox(value="42", label="seeds", info="42 or 1,2,3: each configuration trains once per seed",
                            scale=1)
+        learning_rates = gr.Textbox(value="", label="learning rates", scale=1,
+                                    info="per method or preset, e.g. ia3=3e-3 vera=1e-2; others: the base job's")
         benchmarks = gr.CheckboxGroup(choices=benchmark_choices(), value=[], label="benchmarks",
                                       info="empty = the base job's evaluation benchmarks", scale=3)
     with gr.Row():
@@ -423,7 +454,7 @@ def build_study_tab(service: Any, train: Any = None) -> StudyTab:
             best = gr.Markdown("")
             verdict = gr.Markdown("")
     tab = StudyTab(base=base, name=name, preset=preset, methods=methods, placements=placements, values=values,
-                   seeds=seeds, benchmarks=benchmarks, plan_button=plan_button, launch_button=launch_button,
+                   seeds=seeds, learning_rates=learning_rates, benchmarks=benchmarks, plan_button=plan_button, launch_button=launch_button,
                    error=error, plan_info=plan_info, study=study, refresh_button=refresh_button,
                    cancel_button=cancel_button, resume_button=resume_button, status=status, benchmark=benchmark,
                    table=table, placement_chart=placement_chart, value_chart=value_chart, scatter=scatter, best=best,

@@ -14,8 +14,8 @@ from typing import Any
 
 from core import data as data_mod
 from core import methods
-from core.config import (BUILTIN_DATASET, DEFAULT_METHOD, PRESETS, ROLES, AdapterConfig, ConfigError, DataSettings,
-                         EvalSettings, JobSpec, ModelSettings, TrainSettings, fields_of)
+from core.config import BUILTIN_DATASET, DEFAULT_METHOD, PRESETS, ROLES, AdapterConfig, DataSettings, EvalSettings, JobSpec, ModelSettings, TrainSettings
+from core.fields import ConfigError, fields_of
 from core.estimate import estimate
 from core.paths import workbench_home
 

@@ -17,8 +17,8 @@ import gradio as gr
 
 from core import data as data_mod
 from core import methods
-from core.config import (BUILTIN_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, PRESETS, ROLES, ConfigError, DataSettings,
-                         EvalSettings, JobSpec, ModelSettings, TrainSettings, fields_of)
+from core.config import BUILTIN_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, PRESETS, ROLES, DataSettings, EvalSettings, JobSpec, ModelSettings, TrainSettings
+from core.fields import ConfigError, fields_of
 from core.estimate import estimate, human_bytes, human_count, model_config
 from core.deployment import current as current_deployment
 from jobs.errors import JobError
@@ -102,7 +102,7 @@ def plan(form: dict[str, Any]) -> tuple[str, str, str]:
         est = estimate(model_settings(form), adapter_config(form), data, train)
         model_line = (f"**{est['model_type']}** · {human_count(est['base'])} parameters · {est['layers']} layers · "
                       f"hidden {est['hidden_size']} · trains in {est['dtype']}")
-        estimate_md = estimate_markdown(est)
+        estimate_md = f"{estimate_markdown(est)}\n\n<small>{exports_note(method)}</small>"
     except ConfigError as err:
         estimate_md = error_text(err)
     diagram = block_diagram(method, _lenient_settings(form, method), layers,
@@ -129,6 +129,18 @@ def estimate_markdown(est: dict[str, Any]) -> str:
         f"{human_bytes(parts['activations'])} + logits {human_bytes(parts['logits'])} + runtime "
         f"{human_bytes(parts['runtime'])} "
         f"(micro-batch {est['micro_batch_size']} × {est['seq_len']} tokens)</small>")
+
+
+EXPORT_NAMES = {"peft": "Hugging Face PEFT layout", "merged": "merged full model"}
+
+
+def exports_note(method: str) -> str:
+    """What a trained adapter of ``method`` exports as, from its record: a method without a PEFT layout or
+    a merge says it exports in our own format only."""
+    m = methods.get(method)
+    if not m.exports:
+        return f"{m.label} exports in our own format only (no PEFT layout, no merge into the weights)"
+    return "exports: our own format, " + ", ".join(EXPORT_NAMES[kind] for kind in m.exports)
 
 
 def roles_update(form: dict[str, Any], path: str | None = None) -> dict:

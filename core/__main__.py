@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import AdapterConfig, ConfigError, JobSpec
+from .config import AdapterConfig, JobSpec
+from .fields import ConfigError
 from .paths import InputFileError, WorkbenchHomeError, cli_error, read_json, runs_dir
 
 USAGE, FAILURE = 2, 1

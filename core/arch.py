@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .fields import ConfigError
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,11 @@ from typing import Any
 
 from .deployment import Deployment, current
 from .hub import HubUnavailable, read_hub_dataset
-from .sources import SourceError, resolve_data
+from .sources import ASSETS, SourceError, resolve_data
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "assets"
 BUILTIN_MATH = "builtin:math"
 BUILTIN_FILES = {BUILTIN_MATH: ASSETS / "math_eval.json"}
-DEFAULT_EVAL_DIR = ROOT.parent / "shared" / "datasets" / "eval"
+DEFAULT_EVAL_DIR = ASSETS.parents[1] / "shared" / "datasets" / "eval"
 EVAL_DIR_ENV = "WORKBENCH_EVAL_DIR"
 FILE_TYPES = (".json", ".jsonl", ".csv")
 TOLERANCE = 0.001  # LLM-Adapters' ``miss``: |pred - gold| <= 0.001 counts as correct

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .fields import ConfigError
 
 
 class ModelLoadError(ConfigError):

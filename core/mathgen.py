@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Callable
+
+from .sources import ASSETS
 
 NAMES = ["Tom", "Anna", "Liam", "Sofia", "Omar", "Mei", "Jack", "Priya", "Lucas", "Zoe", "Noah", "Emma",
          "Ivan", "Fatima", "Diego", "Hana", "Ben", "Chloe", "Ravi", "Lena"]
@@ -248,7 +249,6 @@ def generate_problems(n: int, seed: int, exclude: set[str] | None = None) -> lis
     return rows
 
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def build_assets() -> tuple[list[dict], list[dict]]:

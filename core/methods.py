@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .config import ConfigError, Settings, _show
+from .fields import ConfigError, Settings, show
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ class Method:
         peft: its mapping to the Hugging Face PEFT layout (see ``PeftMapping``), or None.
         shape_settings: overrides that leave every parameter's shape as it is but need no tokenizer
             or data, for estimates built on the ``meta`` device (prompt tuning: ``init="random"``).
+        paper: one of the LLM-Adapters paper's methods: the paper's placement and hyperparameter
+            studies, and a study that names no methods, compare these (and only these).
     """
 
     name: str
@@ -126,6 +128,7 @@ class Method:
     merges: bool = False
     peft: PeftMapping | None = None
     shape_settings: Mapping[str, Any] = field(default_factory=dict)
+    paper: bool = False
 
     @property
     def exports(self) -> tuple[str, ...]:
@@ -203,7 +206,7 @@ def get(name: Any) -> Method:
     _load()
     method = _registry.get(name) if isinstance(name, str) else None
     if method is None:
-        raise ConfigError("method", f"unknown method {_show(name)}; known: {', '.join(names())}")
+        raise ConfigError("method", f"unknown method {show(name)}; known: {', '.join(names())}")
     return method
 
 

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import ConfigError, parse_json
+from .fields import ConfigError, parse_json
 
 DEBUG_ENV = "WORKBENCH_DEBUG"
 MAX_TEXT_BYTES = 64 * 2**20  # a spec or study file is kilobytes; this catches a model file given by mistake

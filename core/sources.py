@@ -49,7 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BUILTIN_DATASET, DEFAULT_MODEL, ConfigError
+from .config import BUILTIN_DATASET, DEFAULT_MODEL
+from .fields import ConfigError
 from .deployment import Deployment, current
 from .paths import workbench_home
 

@@ -3,6 +3,9 @@
 A study is a base ``JobSpec`` (model, data, training and evaluation settings) and a grid: methods x
 placements x hyperparameter values x seeds; what each method offers a study (its placements, the setting
 its value axis varies, the paper's sweep) is declared by its record in the registry (``core.methods``).
+An entry of ``methods`` is a method (``lora``) or a preset, a method with settings of its own (``DoRA``,
+``rsLoRA``, ``PiSSA``: the names ``core.config.PRESETS`` knows); ``learning_rates`` gives an entry a
+learning rate of its own (methods differ by orders of magnitude: (IA)³ and VeRA want ~100x LoRA's).
 ``expand`` turns a study into one ``JobSpec`` per cell, each labelled with its coordinates; ``analyse``
 turns per-cell results (accuracy and per-question correctness) into the paper's tables, with a McNemar
 test of the best configuration against the runner-up. Pure functions: the jobs layer stores and runs
@@ -19,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import methods
-from .config import AdapterConfig, ConfigError, JobSpec, parse_json
+from .config import PRESETS, AdapterConfig, JobSpec
+from .fields import ConfigError, parse_json
 
 
 def default_methods() -> list[str]:
-    """The methods a study compares when it names none: those with a placement axis (LoRA, series, parallel)."""
-    return [m.name for m in methods.all() if m.placements]
+    """The methods a study compares when it names none: the paper's with a placement axis (LoRA, series,
+    parallel)."""
+    return [m.name for m in methods.all() if m.paper and m.placements]
 
 
 @dataclass
@@ -38,6 +43,7 @@ class StudySpec:
     placements: dict[str, list[str]] = field(default_factory=dict)
     values: dict[str, list[Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [42])
+    learning_rates: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> "StudySpec":
         """Check the grid and every cell's job spec; ``ConfigError`` naming the field (``placements.lora``,
@@ -45,13 +51,17 @@ class StudySpec:
         self.base.validate()
         if not self.methods:
             raise ConfigError("methods", "choose at least one method")
-        known = methods.names()
-        for m in [*self.methods, *self.placements, *self.values]:
+        known = [*methods.names(), *PRESETS]
+        for m in [*self.methods, *self.placements, *self.values, *self.learning_rates]:
             if m not in known:
-                field_name = "methods" if m in self.methods else "placements" if m in self.placements else "values"
-                raise ConfigError(field_name, f"unknown method {m!r}; known: {', '.join(known)}")
+                field_name = ("methods" if m in self.methods else "placements" if m in self.placements
+                              else "values" if m in self.values else "learning_rates")
+                raise ConfigError(field_name, f"unknown method or preset {m!r}; known: {', '.join(known)}")
+        for m in self.learning_rates:
+            if m not in self.methods:
+                raise ConfigError(f"learning_rates.{m}", f"{m} is not among the study's methods")
         for m, places in self.placements.items():
-            method = methods.get(m)
+            method = method_of(m)
             options = method.placements.options if method.placements else {}
             for p in places:
                 if p not in options:
@@ -64,7 +74,7 @@ class StudySpec:
                                                      f"leave {m} out of placements for its default "
                                                      f"({method.placements.default})")
         for m, values in self.values.items():
-            method = methods.get(m)
+            method = method_of(m)
             if method.value_setting is None:
                 raise ConfigError(f"values.{m}", f"{method.label} has no value to vary; leave {m} out of values")
             if not values:
@@ -82,13 +92,16 @@ class StudySpec:
                 cell.spec.validate()
             except ConfigError as err:
                 if err.field == f"adapter.{cell.setting}":  # a value of the axis: name the axis
-                    raise ConfigError(f"values.{cell.method}", f"{cell.setting}={cell.value}: {err.message}") from None
+                    raise ConfigError(f"values.{cell.entry}", f"{cell.setting}={cell.value}: {err.message}") from None
+                if err.field == "train.learning_rate":
+                    raise ConfigError(f"learning_rates.{cell.entry}", err.message) from None
                 raise
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base.to_dict(), "methods": self.methods,
-                "placements": self.placements, "values": self.values, "seeds": self.seeds}
+                "placements": self.placements, "values": self.values, "seeds": self.seeds,
+                "learning_rates": self.learning_rates}
 
     def size(self) -> int:
         """How many cells ``expand`` makes (computed without making them)."""
@@ -104,9 +117,10 @@ class StudySpec:
         themselves are checked by ``validate`` through the cells' job specs."""
         if not isinstance(data, dict):
             raise ConfigError("study", "a study is a JSON object")
-        unknown = sorted(set(data) - {"name", "base", "methods", "placements", "values", "seeds"})
+        keys = ("name", "base", "methods", "placements", "values", "seeds", "learning_rates")
+        unknown = sorted(set(data) - set(keys))
         if unknown:
-            raise ConfigError(unknown[0], "unknown study key; expected name, base, methods, placements, values, seeds")
+            raise ConfigError(unknown[0], f"unknown study key; expected {', '.join(keys)}")
         name = data.get("name", "study")
         if not isinstance(name, str) or len(name) > 200:
             raise ConfigError("name", "a study name is text of at most 200 characters")
@@ -118,7 +132,8 @@ class StudySpec:
                    methods=_texts(data["methods"], "methods") if "methods" in data else default_methods(),
                    placements=_lists_by_method(data.get("placements", {}), "placements", _texts),
                    values=_lists_by_method(data.get("values", {}), "values", _numbers),
-                   seeds=_seeds(data.get("seeds", [42])))
+                   seeds=_seeds(data.get("seeds", [42])),
+                   learning_rates=_learning_rates(data.get("learning_rates", {})))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -150,16 +165,39 @@ def _numbers(value: Any, field: str) -> list[float | int]:
     return list(value)
 
 
+def method_of(entry: str) -> Any:
+    """The ``Method`` record of a study entry: a method's name or a preset's."""
+    return methods.get(PRESETS[entry][0] if entry in PRESETS else entry)
+
+
+def entry_config(entry: str, **overrides: Any) -> AdapterConfig:
+    """The adapter of a study entry (a method with its defaults, or a preset), with ``overrides``."""
+    if entry in PRESETS:
+        return AdapterConfig.preset(entry, **overrides)
+    return AdapterConfig.for_method(entry, **overrides)
+
+
 def _lists_by_method(value: Any, field: str, items: Any) -> dict[str, list[Any]]:
     if not isinstance(value, dict):
         raise ConfigError(field, f"expected an object from method to a list (got {str(value)[:60]!r})")
     out = {}
-    known = methods.names()
+    known = [*methods.names(), *PRESETS]
     for method, entries in value.items():
         if method not in known:
-            raise ConfigError(field, f"unknown method {str(method)[:40]!r}; known: {', '.join(known)}")
+            raise ConfigError(field, f"unknown method or preset {str(method)[:40]!r}; known: {', '.join(known)}")
         out[method] = items(entries, f"{field}.{method}")
     return out
+
+
+def _learning_rates(value: Any) -> dict[str, float]:
+    """Entry -> learning rate; a number each (its range is checked with the cell's training settings)."""
+    if not isinstance(value, dict) or len(value) > MAX_AXIS:
+        raise ConfigError("learning_rates",
+                          f"expected an object from method to a learning rate (got {str(value)[:60]!r})")
+    for entry, lr in value.items():
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)):
+            raise ConfigError(f"learning_rates.{str(entry)[:40]}", f"expected a number (got {str(lr)[:40]!r})")
+    return {entry: float(lr) for entry, lr in value.items()}
 
 
 def _seeds(value: Any) -> list[int]:
@@ -174,7 +212,8 @@ def _seeds(value: Any) -> list[int]:
 
 @dataclass
 class Cell:
-    """One grid point: its coordinates and the job spec that trains it."""
+    """One grid point: its coordinates and the job spec that trains it. ``entry`` is the study's name
+    for it (the method, or a preset of it), ``method`` the method it trains."""
 
     method: str
     placement: str | None
@@ -182,45 +221,65 @@ class Cell:
     value: Any
     seed: int
     spec: JobSpec
+    entry: str = ""
+
+    def __post_init__(self) -> None:
+        self.entry = self.entry or self.method
 
     @property
     def config_label(self) -> str:
         """The configuration without the seed (cells differing only in seed share it)."""
         place = f" @{self.placement}" if self.placement else ""
-        return f"{self.method}{place}" + (f" {self.setting}={self.value}" if self.setting else "")
+        return f"{self.entry}{place}" + (f" {self.setting}={self.value}" if self.setting else "")
 
     def coordinates(self) -> dict[str, Any]:
-        return {"method": self.method, "placement": self.placement, "setting": self.setting,
+        return {"method": self.method, "entry": self.entry, "placement": self.placement, "setting": self.setting,
                 "value": self.value, "seed": self.seed, "config": self.config_label}
 
 
 def expand(study: StudySpec) -> list[Cell]:
     """Every cell of the grid, as a job spec built from the base."""
     cells = []
-    for name in study.methods:
-        method = methods.get(name)
+    for entry in study.methods:
+        method = method_of(entry)
         setting, axis = method.value_setting, method.placements
-        places = study.placements.get(name) or ([axis.default] if axis else [None])
-        values = study.values.get(name) or [getattr(method.settings(), setting) if setting else None]
+        # A method's default placement; a preset keeps the placement of its own settings.
+        places = study.placements.get(entry) or ([axis.default] if axis and entry not in PRESETS else [None])
+        values = study.values.get(entry) or [None]
         for place in places:
             for value in values:
                 for seed in study.seeds:
                     spec = copy.deepcopy(study.base)
-                    overrides = {**({setting: value} if setting else {}), **(axis.options[place] if place else {})}
-                    spec.adapter = AdapterConfig.for_method(name, layers=study.base.adapter.layers
-                                                            if study.base.adapter.method == name else "all",
-                                                            **overrides)
+                    overrides = {**({setting: value} if value is not None else {}),
+                                 **(axis.options[place] if place else {})}
+                    spec.adapter = entry_config(entry, **overrides)
+                    same = study.base.adapter.method == method.name
+                    spec.adapter.layers = study.base.adapter.layers if same else "all"
+                    # the cell's own coordinates: its placement and value, given or the configuration's
+                    place = place or (_placement_of(spec.adapter, axis) if axis else None)
+                    value = getattr(spec.adapter.settings, setting) if setting else None
                     spec.train.seed = seed
+                    if entry in study.learning_rates:
+                        spec.train.learning_rate = study.learning_rates[entry]
                     shown = f" {setting}={value}" if setting else ""
-                    spec.name = f"{study.name}: {name}{' @' + place if place else ''}{shown} seed {seed}"
-                    cells.append(Cell(name, place, setting, value, seed, spec))
+                    spec.name = f"{study.name}: {entry}{' @' + place if place else ''}{shown} seed {seed}"
+                    cells.append(Cell(method.name, place, setting, value, seed, spec, entry))
     return cells
+
+
+def _placement_of(cfg: AdapterConfig, axis: Any) -> str:
+    """The placement of ``axis`` an adapter's settings match, or "custom" (a preset with its own)."""
+    current = cfg.settings.to_dict()
+    for name, overrides in axis.options.items():
+        if all(current.get(k) == v for k, v in overrides.items()):
+            return name
+    return "custom"
 
 
 def placement_study(base: JobSpec, name: str = "placement study") -> StudySpec:
     """The paper's placement grid: every method with a placement axis at each of its placements (series /
     parallel after or beside attention, the MLP or both; LoRA on attention, MLP or both)."""
-    placed = [m for m in methods.all() if m.placements]
+    placed = [m for m in methods.all() if m.paper and m.placements]
     return StudySpec(name=name, base=base, methods=[m.name for m in placed],
                      placements={m.name: list(m.placements.options) for m in placed})
 
@@ -228,7 +287,7 @@ def placement_study(base: JobSpec, name: str = "placement study") -> StudySpec:
 def hyperparameter_study(base: JobSpec, hidden_size: int, name: str = "hyperparameter study") -> StudySpec:
     """The paper's value grid, scaled to the model, over the methods that declare a sweep (LoRA rank 4..32,
     bottleneck up to half the hidden size, virtual tokens 10..40)."""
-    swept = [m for m in methods.all() if m.sweep]
+    swept = [m for m in methods.all() if m.paper and m.sweep]
     return StudySpec(name=name, base=base, methods=[m.name for m in swept],
                      values={m.name: list(m.sweep(hidden_size)) for m in swept})
 

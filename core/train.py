@@ -33,7 +33,7 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,9 +45,11 @@ from . import data as data_mod
 from . import fast_attention, fast_norm, host_memory
 from .adapters.base import FastDropout, MaskShare
 from .arch import arch_for, get_backbone
-from .config import ConfigError, JobSpec
+from .config import JobSpec
+from .fields import ConfigError
+from .metrics import eval_record, step_record
 from .head_loss import head_loss
-from .inject import adapter_params, attach, load_adapter, save_adapter, trainable_report
+from .inject import adapters_of, attach, load_adapter, save_adapter, trainable_report
 from .models import load_model, resolve_device, resolve_dtype
 
 
@@ -89,6 +91,49 @@ class TrainCallbacks:
     def should_stop(self) -> bool:
         """Polled every step; True ends the run cleanly with the adapter saved."""
         return False
+
+
+class CallbackList(TrainCallbacks):
+    """Several callbacks as one: each event goes to every one in order; any of them can stop the run."""
+
+    def __init__(self, callbacks: list[TrainCallbacks]):
+        self.callbacks = callbacks
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb.on_start(info)
+
+    def on_step(self, report: StepReport) -> None:
+        for cb in self.callbacks:
+            cb.on_step(report)
+
+    def on_eval(self, report: EvalReport) -> None:
+        for cb in self.callbacks:
+            cb.on_eval(report)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        for cb in self.callbacks:
+            cb.on_checkpoint(step, path)
+
+    def should_stop(self) -> bool:
+        return any(cb.should_stop() for cb in self.callbacks)
+
+
+class MetricsFile(TrainCallbacks):
+    """Appends each step's and validation's metric record (``core.metrics``) to ``metrics.jsonl``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_step(self, report: StepReport) -> None:
+        self._write(step_record(report))
+
+    def on_eval(self, report: EvalReport) -> None:
+        self._write(eval_record(report))
 
 
 @dataclass
@@ -191,7 +236,7 @@ class Trainer:
         """``parts``: the speed paths to use, by default ``KERNELS[spec.train.kernels]`` (benches only)."""
         self.spec = spec.validate()
         self.out_dir = Path(out_dir)
-        self.cb = callbacks or TrainCallbacks()
+        self.cb = CallbackList([MetricsFile(self.out_dir / "metrics.jsonl"), callbacks or TrainCallbacks()])
         self.t = spec.train
         self.parts = frozenset(KERNELS[self.t.kernels] if parts is None else parts)
         if self.parts - KERNELS["fast"]:
@@ -228,15 +273,10 @@ class Trainer:
         spec_arch = arch_for(self.model, spec.adapter.arch)
         self.backbone = get_backbone(self.model, spec_arch)
         self.head = self.model.get_output_embeddings()
-        self.params = adapter_params(self.model)
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate)
         self.lengths = [len(e.input_ids) for e in self.train_data.examples]
         self.steps_per_epoch = math.ceil(len(self.lengths) / t.batch_size)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self._build_optimizer()  # the schedule reads total_steps
         self.step = 0
         self.epoch, self.batch_in_epoch = 0, 0
         self.best_val: float | None = None
@@ -248,6 +288,26 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "spec.json").write_text(spec.to_json())
         self.report = trainable_report(self.model)
+
+    def _build_optimizer(self) -> None:
+        """AdamW over the adapter's parameters, its schedule, and ``self.params`` for gradient clipping.
+
+        Parameter groups: weight decay on matrices only, and each adapter module's ``lr_scales``
+        (LoRA+ trains B at a multiple of A's learning rate), in a fixed order so a checkpoint's
+        optimiser state restores into the same groups.
+        """
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        for module in adapters_of(self.model):
+            scales = module.lr_scales()
+            for name, p in module.adapter_named_params():
+                if p.requires_grad:
+                    groups.setdefault((p.dim() >= 2, float(scales.get(name, 1.0))), []).append(p)
+        self.params = [p for ps in groups.values() for p in ps]
+        t = self.t
+        self.optimizer = torch.optim.AdamW(
+            [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr": t.learning_rate * scale}
+             for (decay, scale), ps in sorted(groups.items())], lr=t.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
         t = self.t
@@ -342,7 +402,7 @@ class Trainer:
                 step_tokens += int(batch["attention_mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")).item()
-            lr = self.scheduler.get_last_lr()[0]
+            lr = t.learning_rate * self._lr_factor(self.scheduler.last_epoch)  # groups may scale it
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -364,7 +424,6 @@ class Trainer:
                                     tokens_per_s=tokens_window / max(time_window, 1e-9), elapsed_s=elapsed,
                                     eta_s=per_step * (self.total_steps - self.step))
                 tokens_window, time_window = 0, 0.0
-                self._write_metric({"type": "step", **asdict(report)})
                 self.cb.on_step(report)
             last = self.step == self.total_steps
             if (t.eval_every and self.step % t.eval_every == 0) or last:
@@ -392,12 +451,7 @@ class Trainer:
             return
         self.best_val = val if self.best_val is None else min(self.best_val, val)
         epoch = self.epoch + self.batch_in_epoch / self.steps_per_epoch
-        self._write_metric({"type": "eval", "step": self.step, "epoch": epoch, "val_loss": val})
         self.cb.on_eval(EvalReport(step=self.step, epoch=epoch, val_loss=val))
-
-    def _write_metric(self, record: dict[str, Any]) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     # ---------------------------------------------------------------------------------- checkpoints
     def _checkpoint(self, elapsed: float) -> Path:
@@ -431,12 +485,7 @@ class Trainer:
         from .inject import detach
         detach(self.model)
         load_adapter(self.model, path / "adapter", tokenizer=self.tokenizer)
-        self.params = adapter_params(self.model)
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.t.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=self.t.learning_rate)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self._build_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])

@@ -30,7 +30,8 @@ class SpecChecksAPI(ServiceBase):
         a data file must exist, and the model must be a catalogue name, an existing checkpoint
         directory or a plausible hub id. Local paths are made absolute (the child runs elsewhere).
         """
-        from core.config import ConfigError, JobSpec
+        from core.config import JobSpec
+        from core.fields import ConfigError
 
         if kind not in KINDS:
             raise ConfigError("kind", f"unknown job kind {kind!r}; use {', '.join(KINDS)}")
@@ -56,7 +57,7 @@ class SpecChecksAPI(ServiceBase):
     def _check_remote_code(self, spec: Any) -> None:
         """A model's own Python code runs only in a job child, only where the server allows it, and in
         team mode only for admins; never in public mode."""
-        from core.config import ConfigError
+        from core.fields import ConfigError
 
         if not spec.model.trust_remote_code:
             return
@@ -71,7 +72,7 @@ class SpecChecksAPI(ServiceBase):
 
     def _check_size(self, spec: Any) -> None:
         """The deployment's per-job limits (admins are not limited)."""
-        from core.config import ConfigError
+        from core.fields import ConfigError
 
         if self.actor.admin:
             return
@@ -85,7 +86,7 @@ class SpecChecksAPI(ServiceBase):
     def _check_benchmarks(self, spec: Any) -> None:
         """Every benchmark named exists (a registry name or a data file the sources rules allow), and the
         deployment's example limit holds."""
-        from core.config import ConfigError
+        from core.fields import ConfigError
         from core.benchmarks import benchmark_info
 
         for i, name in enumerate(spec.eval.benchmarks):
@@ -111,7 +112,8 @@ class SpecChecksAPI(ServiceBase):
         spec.model.name = source.location
         layers = _config_layers(spec.model.name)
         if layers is not None:
-            from core.config import ConfigError, parse_layers
+            from core.config import parse_layers
+            from core.fields import ConfigError
 
             try:
                 parse_layers(spec.adapter.layers, layers)
@@ -120,7 +122,7 @@ class SpecChecksAPI(ServiceBase):
 
     def _check_data(self, spec: Any) -> None:
         """The data source is one this actor may read, and its first rows are valid training rows."""
-        from core.config import ConfigError
+        from core.fields import ConfigError
         from core.data import load_records
 
         spec.data.source = self.resolve_data(spec.data.source)
@@ -161,7 +163,7 @@ class SpecChecksAPI(ServiceBase):
 
 
 def _as_text(value: Any, field: str) -> str:
-    from core.config import ConfigError
+    from core.fields import ConfigError
 
     if not isinstance(value, str) or "\x00" in value or len(value) > 4096:
         raise ConfigError(field, f"expected a name or path (got {str(value)[:40]!r})")

@@ -111,7 +111,7 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
         if target_job_id is not None:
             target = self.get(target_job_id)
             if kind != "evaluate":
-                from core.config import ConfigError
+                from core.fields import ConfigError
 
                 raise ConfigError("target_job_id", "only evaluate jobs take a target job")
             if target["kind"] != "train":

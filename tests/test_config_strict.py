@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core import methods
-from core.config import (INT64_MAX, METHOD_SETTINGS, AdapterConfig, ConfigError, DataSettings, EvalSettings,
-                         JobSpec, ModelSettings, TrainSettings, fields_of)
+from core.config import METHOD_SETTINGS, AdapterConfig, DataSettings, EvalSettings, JobSpec, ModelSettings, TrainSettings
+from core.fields import INT64_MAX, ConfigError, fields_of
 
 NAN, INF = float("nan"), float("inf")
 

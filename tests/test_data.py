@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from core import data, mathgen
-from core.config import ConfigError
+from core.fields import ConfigError
 from core.templates import render_prompt
 from tests.tiny import tiny_tokenizer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError
+from core.fields import ConfigError
 from core.train import latest_checkpoint
 from jobs import JobService, Worker, start_worker_thread
 from jobs.checks import CHECK_ROWS

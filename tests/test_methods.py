@@ -20,7 +20,8 @@ import core
 from core import AdapterConfig, ConfigError, JobSpec, methods
 from core.adapters.base import AdapterModule, sites
 from core.arch import in_out_features
-from core.config import ROLES, Settings, setting
+from core.config import ROLES
+from core.fields import Settings, setting
 from core.methods import Drawing, Method, Placements
 from tests.tiny import tiny_model, toy_batch
 
@@ -68,7 +69,8 @@ def draw_toy(s) -> Drawing:
 TOY = Method(name="toy", label="Toy shift", settings=ToySettings, build=build_toy, draw=draw_toy,
              value_setting="width", placements=Placements({"attn": {"roles": ["o"]}, "mlp": {"roles": ["down"]}},
                                                           default="attn"),
-             sweep=lambda hidden: [1, 2], presets={"ToyPreset": {"width": 2}})
+             sweep=lambda hidden: [1, 2], presets={"ToyPreset": {"width": 2}},
+             paper=True)  # as if the paper had it: its placement and hyperparameter grids take it
 
 
 @pytest.fixture
@@ -133,6 +135,7 @@ def test_the_toy_appears_in_the_study_grid(toy):
     assert {tuple(c.spec.adapter.settings.roles) for c in cells} == {("o",), ("down",)}
     assert [c.config_label for c in expand(StudySpec(base=study_base(), methods=["toy"]))] == ["toy @attn width=4"]
     assert "toy" in placement_study(study_base()).methods
+    assert "dora" not in placement_study(study_base()).methods  # not the paper's: named studies only
     assert hyperparameter_study(study_base(), 64).values["toy"] == [1, 2]
     with pytest.raises(ConfigError) as err:
         StudySpec(base=study_base(), methods=["toy"], placements={"toy": ["both"]}).validate()

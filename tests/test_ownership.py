@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, JobSpec
+from core.config import JobSpec
+from core.fields import ConfigError
 from core.deployment import SYSTEM, Actor, Deployment
 from jobs.schema import Job
 from jobs.errors import JobError, JobNotFound, QuotaError

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from app import train_tab
-from core.config import ConfigError
+from core.fields import ConfigError
 from core.deployment import Deployment, configure
 from jobs.service import JobService
 from tests.test_jobs_support import REPO, child_env, tiny_spec, write_data

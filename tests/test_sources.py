@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from core import hub, sources
-from core.config import DEFAULT_MODEL, ConfigError, ModelSettings
+from core.config import DEFAULT_MODEL, ModelSettings
+from core.fields import ConfigError
 from core.deployment import Deployment
 from core.sources import RemoteCodeError, SourceError, resolve_data, resolve_model
 

@@ -103,3 +103,35 @@ def test_a_method_without_a_value_axis_varies_by_seed_only():
     with pytest.raises(ConfigError, match="no value to vary") as err:
         StudySpec(name="ia3", base=base, methods=["ia3"], values={"ia3": [4]}).validate()
     assert err.value.field == "values.ia3"
+
+
+def test_presets_and_learning_rates_are_study_entries():
+    """A preset is an entry of its own (its settings, its label); learning_rates gives an entry its own."""
+    study = StudySpec(base=base(), methods=["lora", "AdapterH", "series"], seeds=[3],
+                      learning_rates={"AdapterH": 1e-3}).validate()
+    cells = {c.config_label: c for c in expand(study)}
+    adapter_h, series = cells["AdapterH @both bottleneck=256"], cells["series @mlp bottleneck=256"]
+    assert adapter_h.method == series.method == "series" and adapter_h.entry == "AdapterH"
+    assert adapter_h.spec.adapter.settings.placement == "both" and series.spec.adapter.settings.placement == "mlp"
+    assert adapter_h.spec.train.learning_rate == 1e-3
+    assert series.spec.train.learning_rate == cells["lora @both r=32"].spec.train.learning_rate == base().train.learning_rate
+    assert adapter_h.coordinates()["entry"] == "AdapterH"
+    again = StudySpec.from_json(study.to_json())
+    assert again.learning_rates == {"AdapterH": 1e-3} and again.methods == study.methods
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"learning_rates": {"series": 1e-3}}, "learning_rates.series"),  # not among the methods
+    ({"learning_rates": {"lora": -1.0}}, "learning_rates.lora"),  # out of the training range
+    ({"learning_rates": {"Magic": 1e-3}}, "learning_rates"),
+])
+def test_bad_learning_rates_name_the_entry(change, field):
+    with pytest.raises(ConfigError) as err:
+        StudySpec(base=base(), methods=["lora"], **change).validate()
+    assert err.value.field == field
+
+
+def test_study_json_refuses_a_learning_rate_that_is_not_a_number():
+    with pytest.raises(ConfigError) as err:
+        StudySpec.from_dict({"methods": ["lora"], "learning_rates": {"lora": "fast"}})
+    assert err.value.field == "learning_rates.lora"

@@ -73,6 +73,10 @@ def test_plan_shows_the_grid_size_and_submits_nothing(service, base_job):
     ({"seeds": "1,x"}, "seeds"),
     ({"methods": []}, "methods"),
     ({"placements.lora": []}, "placements.lora"),
+    ({"learning_rates": "lora"}, "learning_rates"),
+    ({"learning_rates": "lora=fast"}, "learning_rates"),
+    ({"learning_rates": "lora=1e-3 lora=2e-3"}, "learning_rates"),
+    ({"learning_rates": "ia3=1e-3"}, "learning_rates.ia3"),  # not among the chosen methods
 ])
 def test_invalid_input_names_the_field_and_submits_nothing(service, base_job, over, field):
     before = _num_jobs(service)
@@ -82,6 +86,17 @@ def test_invalid_input_names_the_field_and_submits_nothing(service, base_job, ov
         err, _, study_id = study_tab.launch(service, inputs(base_job, **over))
     assert f"**{field}**" in _error(err) and study_id is None
     assert _num_jobs(service) == before and service.list_studies() == []
+
+
+def test_presets_and_learning_rates_from_the_widgets(service, base_job):
+    """A preset is chosen like a method (it keeps its own settings); a learning rate per entry."""
+    assert ("AdapterH (Series adapter preset)", "AdapterH") in study_tab.entry_choices()
+    chosen = inputs(base_job, methods=["lora", "AdapterH"], learning_rates="AdapterH=1e-3, lora=2e-4")
+    study = study_tab.build_study(study_tab.base_spec(service, chosen["base"]), chosen)
+    assert study.learning_rates == {"AdapterH": 1e-3, "lora": 2e-4}
+    err, info = study_tab.plan(service, chosen)
+    assert _error(err) == "" and "**10 jobs**" in info  # lora 2 x 2 x 2 seeds, AdapterH 1 x 1 x 2 seeds
+    assert "AdapterH 2" in info
 
 
 def test_a_study_needs_benchmarks(service):

@@ -17,7 +17,8 @@ from app import charts, chat_tab, compare_tab, jobs_tab, train_tab, ui
 from app.diagram import available_roles, block_diagram, describe
 from app.forms import kind_of, parse_value
 from core import AdapterConfig, ConfigError, JobSpec, attach, save_adapter
-from core.config import METHOD_SETTINGS, PRESETS, DataSettings, EvalSettings, ModelSettings, TrainSettings, fields_of
+from core.config import METHOD_SETTINGS, PRESETS, DataSettings, EvalSettings, ModelSettings, TrainSettings
+from core.fields import fields_of
 from jobs.service import JobService
 
 

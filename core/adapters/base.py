@@ -4,13 +4,14 @@ the helpers builders use to find the modules they adapt."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
 from torch import nn
 
-from ..arch import ArchSpec, get_layers
+from ..arch import ArchSpec, fused_indices, get_layers, in_out_features
+from ..fields import ConfigError
 
 
 class AdapterModule(nn.Module):
@@ -59,9 +60,66 @@ class AdapterModule(nn.Module):
             if id(p) in ids:
                 yield name, p
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (as ``adapter_named_params`` names them); the
+        trainer puts each into an optimiser group of its own (LoRA+: B at a multiple of A). Default: none."""
+        return {}
+
     def detach(self) -> nn.Module | None:
         """Remove hooks this adapter installed; return the module to put back in its place (or None)."""
         return getattr(self, "base", None)
+
+
+class WeightMerging(AdapterModule):
+    """The merge protocol for an adapter whose update lives in its base layer's weight (and bias).
+
+    ``merge`` keeps a copy of the weight and bias, then calls ``merge_into``, which by default adds
+    ``delta_weight()`` (out x in; transposed for a ``Conv1D``, whose weight is (in, out)); ``unmerge``
+    restores the copies exactly. Subclasses set ``transposed`` and override ``merge_into`` where the
+    update is not a plain sum ((IA)³ rescales, DoRA renormalises).
+    """
+
+    mergeable = True
+    transposed: bool = False
+    _saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @torch.no_grad()
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        delta = self.delta_weight()
+        weight.add_((delta.T if self.transposed else delta).to(weight.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight. Repeat-safe; ``unmerge`` restores the exact weight."""
+        if self.merged:
+            return
+        weight, bias = self.base.weight, getattr(self.base, "bias", None)
+        self._saved = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+        self.merge_into(weight, bias)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight, bias = self._saved
+        self.base.weight.copy_(weight)
+        if bias is not None:
+            self.base.bias.copy_(bias)
+        self._saved = None
+        self.merged = False
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """Merge for good: the base module, its weights holding the update (this adapter is spent)."""
+        self.merge()
+        self._saved = None
+        self.merged = False
+        return self.base
+
+    def detach(self) -> nn.Module:
+        self.unmerge()
+        return self.base
 
 
 @dataclass
@@ -86,6 +144,44 @@ def block_points(spec: ArchSpec, placement: str) -> list[tuple[str, str]]:
     points = {"attn": [(entry_attn, "o")], "mlp": [("up", "down")]}
     points["both"] = points["attn"] + points["mlp"]
     return points[placement]
+
+
+class Target(NamedTuple):
+    """A linear layer a per-projection method adapts: its path, role (``qkv`` for a fused layer),
+    the module, and ``{role: output indices}`` of the targeted roles on a fused layer (else None)."""
+
+    path: str
+    role: str
+    module: nn.Module
+    slices: dict[str, torch.Tensor] | None
+
+
+def target_layers(model: nn.Module, spec: ArchSpec, targets: list[str], defaults: list[str],
+                  layers: list[int] | None) -> list[Target]:
+    """The layers a per-projection method adapts (see ``Target``), layer by layer; plain roles first.
+
+    On a fused qkv layer the targeted roles among q, k and v share one ``Target``. Roles the
+    architecture lacks are skipped when the targets are the method's ``defaults`` (GPT-2 has no gate)
+    and refused, naming the roles it has, when the user chose them.
+    """
+    plain, fused = [], []
+    for role in dict.fromkeys(targets):
+        if role in spec.roles:
+            plain.append(role)
+        elif role in ("q", "k", "v") and spec.fused:
+            fused.append(role)
+        elif list(targets) != list(defaults):
+            raise ConfigError("targets", f"this architecture has no {role!r} role; it has "
+                                         f"{', '.join(available_roles(spec))}")
+    found = [Target(site.path, site.role, model.get_submodule(site.path), None)
+                           for site in sites(model, spec, plain, layers)]
+    if fused:
+        heads = model.config.num_attention_heads
+        for site in sites(model, spec, ["qkv"], layers):
+            base = model.get_submodule(site.path)
+            index = fused_indices(spec.fused_layout, in_out_features(base)[1], heads)
+            found.append(Target(site.path, "qkv", base, {r: index[r] for r in fused}))
+    return found
 
 
 def available_roles(spec: ArchSpec) -> list[str]:

@@ -180,12 +180,12 @@ def bottleneck_sweep(hidden_size: int) -> list[int]:
 _PLACED = Placements({p: {"placement": p} for p in PLACEMENTS}, default="mlp")
 
 SERIES = register(Method(
-    name="series", label="Series adapter", settings=SeriesSettings, build=build_series, draw=draw_series,
+    name="series", paper=True, label="Series adapter", settings=SeriesSettings, build=build_series, draw=draw_series,
     value_setting="bottleneck", placements=_PLACED, sweep=bottleneck_sweep,
     presets={"AdapterH": {"placement": "both"}, "AdapterP": {"placement": "mlp"}},
 ))
 PARALLEL = register(Method(
-    name="parallel", label="Parallel adapter", settings=ParallelSettings, build=build_parallel,
+    name="parallel", paper=True, label="Parallel adapter", settings=ParallelSettings, build=build_parallel,
     draw=draw_parallel, value_setting="bottleneck", placements=_PLACED,
     presets={"Parallel": {}, "Scaled_Parallel": {"scale": "learned"}},
 ))

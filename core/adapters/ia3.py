@@ -20,15 +20,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..arch import ArchSpec, fused_indices, in_out_features, is_conv1d
+from ..arch import ArchSpec, in_out_features, is_conv1d
 from ..config import ROLES, AdapterConfig, ConfigError, Settings, parse_layers, setting
 from ..methods import Drawing, Method, register
-from .base import AdapterModule, available_roles, sites
+from .base import AdapterModule, WeightMerging, target_layers
 
 INPUT_ROLES = ("down",)  # roles whose input (the MLP's inner activation) is rescaled; others: their output
 
 
-class Ia3Linear(AdapterModule):
+class Ia3Linear(WeightMerging):
     """(IA)³ around a linear layer: ``l ⊙ base(x)`` or ``base(l ⊙ x)``.
 
     Args:
@@ -37,8 +37,6 @@ class Ia3Linear(AdapterModule):
         slices: ``None`` to rescale every feature, or ``{role: output indices}`` on a fused layer
             (output side only): one vector per role, features outside the slices keep scale 1.
     """
-
-    mergeable = True  # the merge protocol of AdapterModule: merge, unmerge, fold, delta_weight
 
     def __init__(self, base: nn.Module, scales_input: bool = False,
                  slices: dict[str, torch.Tensor] | None = None):
@@ -57,7 +55,6 @@ class Ia3Linear(AdapterModule):
             self.register_buffer("out_index", torch.cat(parts), persistent=False)
         else:
             self.out_index = None
-        self._saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def scale(self) -> torch.Tensor:
         """The full scaling vector (in or out features, fp32): ones outside a fused layer's slices."""
@@ -82,12 +79,8 @@ class Ia3Linear(AdapterModule):
         return w * s[None, :] if self.scales_input else w * s[:, None]
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """``W' = diag(l) W, b' = l ⊙ b`` (output side) or ``W' = W diag(l)`` (input side). Repeat-safe."""
-        if self.merged:
-            return
-        weight, bias = self.base.weight, getattr(self.base, "bias", None)
-        self._saved = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """``W' = diag(l) W, b' = l ⊙ b`` (output side) or ``W' = W diag(l)`` (input side)."""
         s = self.scale().to(weight.dtype)
         # Linear: weight (out, in); Conv1D: weight (in, out). Scale the input or output axis of either.
         out_axis = 1 if self.transposed else 0
@@ -95,30 +88,6 @@ class Ia3Linear(AdapterModule):
         weight.mul_(s[:, None] if axis == 0 else s[None, :])
         if bias is not None and not self.scales_input:
             bias.mul_(s.to(bias.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        weight, bias = self._saved
-        self.base.weight.copy_(weight)
-        if bias is not None:
-            self.base.bias.copy_(bias)
-        self._saved = None
-        self.merged = False
-
-    @torch.no_grad()
-    def fold(self) -> nn.Module:
-        """Merge for good: the base module, its weights holding the scaling (this adapter is spent)."""
-        self.merge()
-        self._saved = None
-        self.merged = False
-        return self.base
-
-    def detach(self) -> nn.Module:
-        self.unmerge()
-        return self.base
 
     def extra_repr(self) -> str:
         roles = f", roles={self.roles}" if self.roles else ""
@@ -143,32 +112,11 @@ class Ia3Settings(Settings):
 
 def build(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: list[int] | None,
           tokenizer: Any) -> dict[str, AdapterModule]:
-    """An ``Ia3Linear`` on every targeted role; on a fused qkv layer one module rescales the targeted parts.
-
-    Roles the architecture lacks are skipped when the targets are the defaults and refused when the
-    user named them.
-    """
+    """An ``Ia3Linear`` on every targeted role (see ``target_layers``); on a fused qkv layer one module
+    rescales the targeted parts."""
     s: Ia3Settings = cfg.settings
-    from_default = list(s.targets) == list(Ia3Settings().targets)
-    plain, fused = [], []
-    for role in dict.fromkeys(s.targets):
-        if role in spec.roles:
-            plain.append(role)
-        elif role in ("q", "k", "v") and spec.fused:
-            fused.append(role)
-        elif not from_default:
-            raise ConfigError("targets", f"this architecture has no {role!r} role; it has "
-                                         f"{', '.join(available_roles(spec))}")
-    built: dict[str, AdapterModule] = {}
-    for site in sites(model, spec, plain, layers):
-        built[site.path] = Ia3Linear(model.get_submodule(site.path), scales_input=site.role in INPUT_ROLES)
-    if fused:
-        heads = model.config.num_attention_heads
-        for site in sites(model, spec, ["qkv"], layers):
-            base = model.get_submodule(site.path)
-            index = fused_indices(spec.fused_layout, in_out_features(base)[1], heads)
-            built[site.path] = Ia3Linear(base, slices={r: index[r] for r in fused})
-    return built
+    return {t.path: Ia3Linear(t.module, scales_input=t.role in INPUT_ROLES, slices=t.slices)
+            for t in target_layers(model, spec, s.targets, Ia3Settings().targets, layers)}
 
 
 def peft_layout(items: list[tuple[str, Ia3Linear]], cfg: AdapterConfig) -> tuple[dict[str, torch.Tensor], dict]:

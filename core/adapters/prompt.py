@@ -278,16 +278,16 @@ def draw_ptuning(s: Mapping[str, Any]) -> Drawing:
 
 
 PREFIX = register(Method(
-    name="prefix", label="Prefix tuning", settings=PrefixSettings, build=build_prefix, draw=draw_prefix,
+    name="prefix", paper=True, label="Prefix tuning", settings=PrefixSettings, build=build_prefix, draw=draw_prefix,
     value_setting="num_virtual_tokens", sweep=lambda hidden: [10, 20, 30, 40], presets={"Prefix": {}},
     all_layers_only=True, identity_at_init=False,
 ))
 PROMPT = register(Method(
-    name="prompt", label="Prompt tuning", settings=PromptSettings, build=build_prompt, draw=draw_prompt,
+    name="prompt", paper=True, label="Prompt tuning", settings=PromptSettings, build=build_prompt, draw=draw_prompt,
     value_setting="num_virtual_tokens", all_layers_only=True, identity_at_init=False,
     shape_settings={"init": "random"},
 ))
 PTUNING = register(Method(
-    name="ptuning", label="P-tuning", settings=PTuningSettings, build=build_ptuning, draw=draw_ptuning,
+    name="ptuning", paper=True, label="P-tuning", settings=PTuningSettings, build=build_ptuning, draw=draw_ptuning,
     value_setting="num_virtual_tokens", all_layers_only=True, identity_at_init=False,
 ))
