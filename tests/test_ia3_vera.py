@@ -1,5 +1,5 @@
 """(IA)³ and VeRA: each method's maths against a direct implementation of its formula on one layer, VeRA's
-shared projections (seeded, saved with the adapter), and (IA)³'s PEFT layout.
+shared projections (seeded, saved with the adapter), and both methods' PEFT layouts.
 
 The generic contracts (identity at start, loss falls, save/load, disable, merge on every architecture)
 come from the registry rows of ``tests/test_adapters.py``.
@@ -21,7 +21,7 @@ from core import AdapterConfig
 from core.adapters import vera as vera_module
 from core.adapters.ia3 import Ia3Linear
 from core.adapters.vera import VeraLinear, projections
-from core.arch import fused_indices
+from core.arch import fused_indices, in_out_features
 from tests.test_adapters import adapted, logits, train_steps
 from tests.tiny import tiny_model, toy_batch
 
@@ -101,16 +101,18 @@ def test_ia3_peft_layout_reproduces_the_merged_weights(arch, tmp_path):
     core.export_peft(model, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
-    assert cfg["peft_type"] == "IA3" and cfg["feedforward_modules"] == [{"llama": "down_proj"}.get(arch, "c_proj")]
+    down = {"llama": "mlp.down_proj"}.get(arch, "mlp.c_proj")
+    layers = {"llama": "model.layers"}.get(arch, "transformer.h")
+    assert cfg["peft_type"] == "IA3" and cfg["feedforward_modules"] == [f"{layers}.{i}.{down}" for i in range(2)]
     assert cfg["fan_in_fan_out"] == (arch == "gpt2")
-    assert set(cfg["target_modules"]) >= set(cfg["feedforward_modules"])
+    assert cfg["target_modules"] == [name for name, m in model.named_modules() if isinstance(m, Ia3Linear)]
     base = tiny_model(arch)
     merged = dict(core.merge_adapter(model).named_parameters())
     assert len(tensors) == len(core.inject.adapters_of(model))
     for key, l in tensors.items():
         path = key[len("base_model.model."):-len(".ia3_l")]
         module = base.get_submodule(path)
-        feedforward = path.rsplit(".", 1)[-1] in cfg["feedforward_modules"]
+        feedforward = path in cfg["feedforward_modules"]
         assert l.shape == ((1, module.weight.shape[0 if cfg["fan_in_fan_out"] else 1]) if feedforward
                            else (module.weight.shape[1 if cfg["fan_in_fan_out"] else 0], 1))
         W = module.weight.detach()
@@ -211,3 +213,35 @@ def test_vera_and_ia3_presets_and_configs():
     s = AdapterConfig.for_method("vera").settings
     assert (s.r, s.d_initial, s.targets) == (256, 0.1, ["q", "v"])
     assert AdapterConfig.for_method("ia3").settings.targets == ["k", "v", "down"]
+
+
+@pytest.mark.parametrize("arch,targets,blocks", [("llama", ["q", "v", "down"], 1), ("gpt2", ["q", "v"], 2),
+                                                  ("gpt2", ["q", "v", "down"], 3), ("bloom", ["k", "o"], 2)])
+def test_vera_peft_layout_reproduces_the_merged_weights(arch, targets, blocks, tmp_path):
+    """PEFT's VeRA, ``W + Λ_b B_p[:out] Λ_d A_p[:, :in]``, computed from the exported file alone, is our
+    merged weight; the pair is saved, sized as PEFT sizes it (largest in and out among the targets), and
+    a fused layer's roles take a block of r columns each (plus one block for plain layers)."""
+    model = adapted(arch, "vera", r=8, seed=3, targets=targets)
+    train_steps(model, toy_batch(), steps=3, lr=5e-2)
+    core.export_peft(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    paths = [name for name, m in model.named_modules() if isinstance(m, VeraLinear)]
+    assert cfg["peft_type"] == "VERA" and cfg["save_projection"] and cfg["target_modules"] == paths
+    assert cfg["r"] == 8 * blocks and cfg["projection_prng_key"] == 3
+    assert cfg["fan_in_fan_out"] == (arch == "gpt2")
+    base = tiny_model(arch)
+    shapes = [in_out_features(base.get_submodule(p)) for p in paths]
+    A, B = tensors.pop("base_model.vera_A"), tensors.pop("base_model.vera_B")
+    assert A.shape == (8 * blocks, max(i for i, _ in shapes)) and B.shape == (max(o for _, o in shapes), 8 * blocks)
+    assert sorted(tensors) == sorted(f"base_model.model.{p}.vera_lambda_{v}" for p in paths for v in "bd")
+    merged = dict(core.merge_adapter(model).named_parameters())
+    for path, (fan_in, fan_out) in zip(paths, shapes):
+        lam_b = tensors[f"base_model.model.{path}.vera_lambda_b"]
+        lam_d = tensors[f"base_model.model.{path}.vera_lambda_d"]
+        assert lam_b.shape == (fan_out,) and lam_d.shape == (8 * blocks,)
+        delta = (lam_b[:, None] * B[:fan_out]) @ (lam_d[:, None] * A[:, :fan_in])  # PEFT's get_delta_weight
+        W = base.get_submodule(path).weight.detach()
+        expected = W + (delta.T if cfg["fan_in_fan_out"] else delta)
+        torch.testing.assert_close(merged[f"{path}.base.weight"], expected, atol=1e-6, rtol=0)
+        assert delta.abs().max() > 1e-4  # the trained update is in the file

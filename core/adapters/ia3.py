@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec, in_out_features, is_conv1d
-from ..config import ROLES, AdapterConfig, ConfigError, Settings, parse_layers, setting
+from ..config import ROLES, AdapterConfig, ConfigError, Settings, setting
 from ..methods import Drawing, Method, register
 from .base import AdapterModule, WeightMerging, target_layers
 
@@ -124,19 +124,19 @@ def peft_layout(items: list[tuple[str, Ia3Linear]], cfg: AdapterConfig) -> tuple
 
     PEFT keeps ``ia3_l`` as (out, 1) on an output-side layer and (1, in) on a ``feedforward_modules``
     one. A fused layer is written with its full output vector (ones outside the targeted slices), which
-    is exactly what the module computes.
+    is exactly what the module computes. Layers are named by full path: PEFT's ``IA3Config`` has no
+    layer selection, and a bare name can stand for two layers (GPT-2's ``c_proj`` is both attention's
+    output and the MLP's ``down``).
     """
     tensors: dict[str, torch.Tensor] = {}
     for path, a in items:
         s = a.scale().detach().float().contiguous().cpu()
         tensors[f"base_model.model.{path}.ia3_l"] = s[None, :] if a.scales_input else s[:, None].contiguous()
-    names = lambda keep: sorted({path.rsplit(".", 1)[-1] for path, a in items if keep(a)})  # noqa: E731
     config = {
-        "peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": names(lambda a: True),
-        "feedforward_modules": names(lambda a: a.scales_input),
+        "peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": [path for path, _ in items],
+        "feedforward_modules": [path for path, a in items if a.scales_input],
         "fan_in_fan_out": any(a.transposed for _, a in items), "init_ia3_weights": True,
-        "inference_mode": True, "modules_to_save": None, "layers_to_transform": parse_layers(cfg.layers),
-        "layers_pattern": None,
+        "inference_mode": True, "modules_to_save": None,
     }
     return tensors, config
 

@@ -12,7 +12,7 @@ adapter uses the very projections it was trained with, whatever the random numbe
 On a fused qkv layer each targeted role (q, k, v) has its own ``d_i`` and ``b_i`` and writes only its
 slice of the output, as VeRA on separate q, k, v layers would.
 
-The end of the file declares the method: its settings, builder, drawing and record.
+The end of the file declares the method: its settings, builder, PEFT layout, drawing and record.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import ArchSpec, fused_indices, in_out_features, is_conv1d
+from ..arch import ArchSpec, in_out_features, is_conv1d
 from ..config import ROLES, AdapterConfig, ConfigError, Settings, setting
 from ..methods import Drawing, Method, register
-from .base import AdapterModule, available_roles, make_dropout, sites
+from .base import AdapterModule, WeightMerging, make_dropout, target_layers
 
 
 def projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +44,7 @@ def projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Ten
     return out[0], out[1]
 
 
-class VeraLinear(AdapterModule):
+class VeraLinear(WeightMerging):
     """VeRA around a linear layer: ``base(x) + b ⊙ (B[:out] (d ⊙ (A[:, :in] dropout(x))))``.
 
     Args:
@@ -55,8 +55,6 @@ class VeraLinear(AdapterModule):
         slices: ``None`` to adapt the whole output, or ``{role: output indices}`` for a fused layer.
         owns_projections: this module saves and loads the shared pair (one module per model does).
     """
-
-    mergeable = True  # the merge protocol of AdapterModule: merge, unmerge, fold, delta_weight
 
     def __init__(self, base: nn.Module, vera_A: torch.Tensor, vera_B: torch.Tensor, d_initial: float,
                  dropout: float, slices: dict[str, torch.Tensor] | None = None, owns_projections: bool = False):
@@ -79,7 +77,6 @@ class VeraLinear(AdapterModule):
             self.register_buffer("out_index", torch.cat(parts), persistent=False)
         else:
             self.out_index = None
-        self._saved_weight: torch.Tensor | None = None
 
     def adapter_named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The trained vectors, and on the owning module the frozen pair too: what the adapter file holds."""
@@ -110,44 +107,13 @@ class VeraLinear(AdapterModule):
         delta = A.new_zeros(in_out_features(self.base)[1], self.fan_in)
         return delta.index_copy(0, self.out_index, torch.cat(rows))
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight. Repeat-safe; ``unmerge`` restores the exact weight."""
-        if self.merged:
-            return
-        weight = self.base.weight
-        self._saved_weight = weight.detach().clone()
-        delta = self.delta_weight()
-        weight.add_((delta.T if self.transposed else delta).to(weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base.weight.copy_(self._saved_weight)
-        self._saved_weight = None
-        self.merged = False
-
-    @torch.no_grad()
-    def fold(self) -> nn.Module:
-        """Merge for good: the base module, its weight holding the update (this adapter is spent)."""
-        self.merge()
-        self._saved_weight = None
-        self.merged = False
-        return self.base
-
-    def detach(self) -> nn.Module:
-        self.unmerge()
-        return self.base
-
     def extra_repr(self) -> str:
         roles = f", roles={self.roles}" if self.roles else ""
         return f"r={self.r}{roles}{', owns projections' if self.owns_projections else ''}"
 
 
 # --------------------------------------------------------------------------------------------------
-# The method: settings, builder, drawing, record.
+# The method: settings, builder, PEFT layout, drawing, record.
 
 @dataclass
 class VeraSettings(Settings):
@@ -168,39 +134,84 @@ class VeraSettings(Settings):
 def build(model: nn.Module, cfg: AdapterConfig, spec: ArchSpec, layers: list[int] | None,
           tokenizer: Any) -> dict[str, AdapterModule]:
     """A ``VeraLinear`` on every targeted role (fused q/k/v: one module per fused layer), all sharing one
-    projection pair sized to the largest input and output among them; the first one owns the pair.
-
-    Roles the architecture lacks are skipped when the targets are the defaults and refused when the
-    user named them.
-    """
+    projection pair sized to the largest input and output among them; the first one owns the pair."""
     s: VeraSettings = cfg.settings
-    from_default = list(s.targets) == list(VeraSettings().targets)
-    plain, fused = [], []
-    for role in dict.fromkeys(s.targets):
-        if role in spec.roles:
-            plain.append(role)
-        elif role in ("q", "k", "v") and spec.fused:
-            fused.append(role)
-        elif not from_default:
-            raise ConfigError("targets", f"this architecture has no {role!r} role; it has "
-                                         f"{', '.join(available_roles(spec))}")
-    found: list[tuple[str, nn.Module, dict[str, torch.Tensor] | None]] = []
-    for site in sites(model, spec, plain, layers):
-        found.append((site.path, model.get_submodule(site.path), None))
-    if fused:
-        heads = model.config.num_attention_heads
-        for site in sites(model, spec, ["qkv"], layers):
-            base = model.get_submodule(site.path)
-            index = fused_indices(spec.fused_layout, in_out_features(base)[1], heads)
-            found.append((site.path, base, {r: index[r] for r in fused}))
+    found = target_layers(model, spec, s.targets, VeraSettings().targets, layers)
     if not found:
         return {}
-    max_in = max(in_out_features(base)[0] for _, base, _ in found)
-    max_out = max(max(len(i) for i in sl.values()) if sl else in_out_features(base)[1] for _, base, sl in found)
+    max_in = max(in_out_features(t.module)[0] for t in found)
+    max_out = max(max(len(i) for i in t.slices.values()) if t.slices else in_out_features(t.module)[1]
+                  for t in found)
     device = next(model.parameters()).device
-    A, B = (t.to(device) for t in projections(s.r, max_in, max_out, s.seed))
-    return {path: VeraLinear(base, A, B, s.d_initial, s.dropout, slices, owns_projections=i == 0)
-            for i, (path, base, slices) in enumerate(found)}
+    A, B = (p.to(device) for p in projections(s.r, max_in, max_out, s.seed))
+    return {t.path: VeraLinear(t.module, A, B, s.d_initial, s.dropout, t.slices, owns_projections=i == 0)
+            for i, t in enumerate(found)}
+
+
+def peft_layout(items: list[tuple[str, VeraLinear]], cfg: AdapterConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and ``adapter_config.json`` of Hugging Face PEFT's VeRA layout, projections included.
+
+    PEFT computes ``λ_b ⊙ B_p[:out] (λ_d ⊙ A_p[:, :in] x)`` with one ``λ_d``, ``λ_b`` per layer and one
+    pair ``A_p``, ``B_p`` sized to the largest input and output among the targeted layers; the pair is
+    saved (``save_projection``: keys ``base_model.vera_A``/``vera_B``), so PEFT's own draw from
+    ``projection_prng_key`` is never used. Targets are named by full path, so PEFT adapts (and sizes
+    its pair over) exactly these layers.
+
+    Without fused layers this is our layout as it is. A fused q/k/v layer gives each role its own ``d_i``
+    and reads ``B[:|slice|]`` for every slice, which one ``λ_d`` and a row slice of a shared ``B_p``
+    cannot express directly; it is written exactly in a rank ``r * blocks`` form instead. Each role
+    (and, when there are plain layers, the plain layers) gets a block of ``r`` columns: ``A_p`` is ``A``
+    repeated once per block; role ``i``'s block of ``B_p`` holds ``B[:|slice_i|]`` in that role's
+    output rows, the plain block holds ``B`` itself; a layer's ``λ_d`` is its ``d`` (or ``d_i``) in its
+    own blocks and zero elsewhere, and ``λ_b`` is zero on fused outputs no role targets. Every extra
+    term is multiplied by an exact zero, so PEFT computes the same sums (the update equals ours to
+    rounding). ``ConfigError`` if two fused layers lay out a role differently (no shared ``B_p`` fits).
+    """
+    s: VeraSettings = cfg.settings
+    r = items[0][1].r
+    roles: dict[str, torch.Tensor] = {}  # role -> its output rows, the same on every fused layer
+    for path, a in items:
+        for role, idx in zip(a.roles, a.out_index.cpu().split([len(b) for b in a.vera_b]) if a.roles else []):
+            if role in roles and not torch.equal(roles[role], idx):
+                raise ConfigError("targets", f"{path}: the fused layers lay out {role!r} differently, which "
+                                             "PEFT's one shared VeRA projection cannot express")
+            roles.setdefault(role, idx)
+    has_plain = any(not a.roles for _, a in items)
+    blocks = [*roles, *([None] if has_plain else [])]  # None: the block of the plain layers
+    max_in = max(a.fan_in for _, a in items)
+    max_out = max(in_out_features(a.base)[1] for _, a in items)
+    A, B = items[0][1].vera_A.detach().float().cpu(), items[0][1].vera_B.detach().float().cpu()
+    peft_A = A[:, :max_in].repeat(len(blocks), 1)
+    peft_B = B.new_zeros(max_out, r * len(blocks))
+    for k, role in enumerate(blocks):
+        cols = slice(k * r, (k + 1) * r)
+        if role is None:
+            plain_out = max(in_out_features(a.base)[1] for _, a in items if not a.roles)
+            peft_B[:plain_out, cols] = B[:plain_out]
+        else:
+            peft_B[roles[role], cols] = B[:len(roles[role])]
+    tensors = {"base_model.vera_A": peft_A.contiguous(), "base_model.vera_B": peft_B.contiguous()}
+    for path, a in items:
+        own = a.roles or [None]
+        d = torch.zeros(r * len(blocks))
+        for role, d_i in zip(own, a.vera_d):
+            k = blocks.index(role)
+            d[k * r:(k + 1) * r] = d_i.detach().float().cpu()
+        if a.roles:
+            b = torch.zeros(in_out_features(a.base)[1])
+            b[a.out_index.cpu()] = torch.cat([b_i.detach().float().cpu() for b_i in a.vera_b])
+        else:
+            b = a.vera_b[0].detach().float().cpu()
+        tensors[f"base_model.model.{path}.vera_lambda_d"] = d
+        tensors[f"base_model.model.{path}.vera_lambda_b"] = b.contiguous()
+    config = {
+        "peft_type": "VERA", "task_type": "CAUSAL_LM", "r": r * len(blocks),
+        "target_modules": [path for path, _ in items], "projection_prng_key": s.seed, "save_projection": True,
+        "vera_dropout": s.dropout, "d_initial": s.d_initial, "fan_in_fan_out": any(a.transposed for _, a in items),
+        "bias": "none", "modules_to_save": None, "init_weights": True, "layers_to_transform": None,
+        "layers_pattern": None, "inference_mode": True,
+    }
+    return tensors, config
 
 
 def draw(s: Mapping[str, Any]) -> Drawing:
@@ -213,5 +224,5 @@ def draw(s: Mapping[str, Any]) -> Drawing:
 # bottleneck adapters'. Not in the paper's hyperparameter sweep either; r is its value axis.
 VERA = register(Method(
     name="vera", label="VeRA", settings=VeraSettings, build=build, draw=draw, value_setting="r",
-    presets={"VeRA": {}}, merges=True,
+    presets={"VeRA": {}}, merges=True, peft=peft_layout,
 ))
