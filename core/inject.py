@@ -21,7 +21,8 @@ from torch import nn
 from . import methods
 from .adapters.base import AdapterModule
 from .arch import arch_for, get_backbone, get_layers
-from .config import AdapterConfig, ConfigError, parse_layers
+from .config import AdapterConfig, parse_layers
+from .fields import ConfigError
 
 FORMAT = "adapter-workbench"
 FORMAT_VERSION = 1
@@ -175,6 +176,22 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             a.enabled = state
         for a in merged:
             a.merge()
+
+
+@contextlib.contextmanager
+def prompt_lengths(model: nn.Module, lengths: torch.Tensor | None) -> Iterator[nn.Module]:
+    """Within the block (in this thread), row ``i`` of each forward pass of ``model`` has a prompt of
+    ``lengths[i]`` tokens, counted from its first attended token: a training batch's tokens before
+    the response. Adapters that act on prompt positions (LoReFT) read it; without it the prompt of a
+    forward pass is all its attended tokens, as in generation. None: nothing changes."""
+    readers = [a for a in adapters_of(model) if hasattr(a, "use_prompt_lengths")] if lengths is not None else []
+    for a in readers:
+        a.use_prompt_lengths(lengths)
+    try:
+        yield model
+    finally:
+        for a in readers:
+            a.use_prompt_lengths(None)
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
