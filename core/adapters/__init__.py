@@ -2,7 +2,7 @@
 
 ``core.methods`` imports this package on first use, so the order of the imports below is the order of
 the methods in the registry (and in the UI): LoRA; series, parallel; prefix, prompt, P-tuning; (IA)³;
-VeRA; DoRA; LoReFT.
+VeRA; LoReFT.
 """
 
 from .base import AdapterModule
@@ -11,8 +11,7 @@ from .bottleneck import ParallelAdapter, SeriesAdapter
 from .prompt import PrefixTuning, PromptTuning, PTuning, VirtualTokens
 from .ia3 import Ia3Linear
 from .vera import VeraLinear
-from .dora import DoraLinear
 from .reft import Loreft
 
-__all__ = ["AdapterModule", "LoraLinear", "DoraLinear", "SeriesAdapter", "ParallelAdapter", "VirtualTokens",
+__all__ = ["AdapterModule", "LoraLinear", "SeriesAdapter", "ParallelAdapter", "VirtualTokens",
            "PrefixTuning", "PromptTuning", "PTuning", "Ia3Linear", "VeraLinear", "Loreft"]
