@@ -130,6 +130,8 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
 
     Returns ``trainable``, ``base``, ``percent``, ``per_kind``, ``modules`` (exactly
     ``trainable_report`` of the attached model), ``adapter_bytes`` (the fp32 ``adapter.safetensors``),
+    ``adapter_frozen`` (values that file holds besides the trained ones: PiSSA/OLoRA's initial
+    ``A0``, ``B0``, which make it, like their PEFT export, the size of a rank-2r LoRA; VeRA's projections),
     ``memory_bytes`` and its parts (``memory_parts``: ``weights``, ``adapter_and_optimizer``,
     ``activations``, ``logits``, ``runtime``; see the module docstring), and the model's ``model_type``, ``layers``,
     ``hidden_size`` and ``dtype``. Raises ``ConfigError`` naming the field for invalid settings (and
@@ -185,7 +187,9 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
         "logits": logits,
         "runtime": RUNTIME_BYTES,
     }
-    return {**report, "adapter_bytes": safetensors_size(shapes), "memory_bytes": sum(parts.values()),
+    frozen = sum(math.prod(shape) for shape in shapes.values()) - report["trainable"]
+    return {**report, "adapter_bytes": safetensors_size(shapes), "adapter_frozen": frozen,
+            "memory_bytes": sum(parts.values()),
             "memory_parts": parts, "model_type": cfg.model_type, "layers": layers, "hidden_size": hidden,
             "dtype": dtype_name, "seq_len": seq, "micro_batch_size": micro}
 

@@ -2,7 +2,7 @@
 
 ``core.methods`` imports this package on first use, so the order of the imports below is the order of
 the methods in the registry (and in the UI): LoRA; series, parallel; prefix, prompt, P-tuning; (IA)³;
-VeRA; LoReFT.
+VeRA; DoRA.
 """
 
 from .base import AdapterModule
@@ -11,7 +11,7 @@ from .bottleneck import ParallelAdapter, SeriesAdapter
 from .prompt import PrefixTuning, PromptTuning, PTuning, VirtualTokens
 from .ia3 import Ia3Linear
 from .vera import VeraLinear
-from .reft import Loreft
+from .dora import DoraLinear
 
-__all__ = ["AdapterModule", "LoraLinear", "SeriesAdapter", "ParallelAdapter", "VirtualTokens",
-           "PrefixTuning", "PromptTuning", "PTuning", "Ia3Linear", "VeraLinear", "Loreft"]
+__all__ = ["AdapterModule", "LoraLinear", "DoraLinear", "SeriesAdapter", "ParallelAdapter", "VirtualTokens",
+           "PrefixTuning", "PromptTuning", "PTuning", "Ia3Linear", "VeraLinear"]
