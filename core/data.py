@@ -5,8 +5,9 @@ format). Tokenised examples carry ``labels`` with ``-100`` on the prompt tokens 
 ``train_on_inputs``), so only the response is learned.
 
 Public API: ``load_records``, ``split_records``, ``tokenize_records`` (-> ``TokenizedData`` of
-``Example``), ``length_stats``, ``preview_rows``, ``collate``; errors are ``DataError`` (a ``ConfigError``
-on ``data.source``) whose message names the file and, for a bad row, its 1-based number.
+``Example``), ``length_stats``, ``preview_rows``, ``collate``, ``prompt_lengths``; errors are
+``DataError`` (a ``ConfigError`` on ``data.source``) whose message names the file and, for a bad row,
+its 1-based number.
 """
 
 from __future__ import annotations
@@ -365,6 +366,11 @@ def preview_rows(records: list[dict], tokenizer: Any, template: str = "alpaca", 
     """The first rows as the model will see them: rendered prompt and response."""
     return [{"prompt": render_prompt(r["instruction"], r.get("input", ""), template, tokenizer),
              "response": r["output"]} for r in records[:n]]
+
+
+def prompt_lengths(examples: list[Example]) -> torch.Tensor:
+    """Each row's number of prompt tokens (the tokens before the response), for ``core.inject.prompt_lengths``."""
+    return torch.tensor([e.num_prompt_tokens for e in examples], dtype=torch.long)
 
 
 def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:

@@ -177,6 +177,22 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             a.merge()
 
 
+@contextlib.contextmanager
+def prompt_lengths(model: nn.Module, lengths: torch.Tensor | None) -> Iterator[nn.Module]:
+    """Within the block (in this thread), row ``i`` of each forward pass of ``model`` has a prompt of
+    ``lengths[i]`` tokens, counted from its first attended token: a training batch's tokens before
+    the response. Adapters that act on prompt positions (LoReFT) read it; without it the prompt of a
+    forward pass is all its attended tokens, as in generation. None: nothing changes."""
+    readers = [a for a in adapters_of(model) if hasattr(a, "use_prompt_lengths")] if lengths is not None else []
+    for a in readers:
+        a.use_prompt_lengths(lengths)
+    try:
+        yield model
+    finally:
+        for a in readers:
+            a.use_prompt_lengths(None)
+
+
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold the adapter's update into the base weights (repeat-safe). ``ConfigError`` naming the method
     when it cannot merge (only methods whose update is a weight delta can)."""

@@ -49,7 +49,7 @@ from .config import JobSpec
 from .fields import ConfigError
 from .metrics import eval_record, step_record
 from .head_loss import head_loss
-from .inject import adapters_of, attach, load_adapter, save_adapter, trainable_report
+from .inject import adapters_of, attach, load_adapter, prompt_lengths, save_adapter, trainable_report
 from .models import load_model, resolve_device, resolve_dtype
 
 
@@ -326,12 +326,14 @@ class Trainer:
         enabled = self.dtype in (torch.bfloat16, torch.float16)
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
-    def batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def batch_loss(self, batch: dict[str, torch.Tensor],
+                   prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Summed token loss of a micro-batch and its number of labelled tokens.
 
         With the ``head_loss`` part: the backbone, then the LM head only at positions whose next token
         is labelled (``head_loss``). Without: the model's own forward, logits at every position, and
-        the cross-entropy Hugging Face computes on them (in fp32).
+        the cross-entropy Hugging Face computes on them (in fp32). ``prompts``: each row's prompt length
+        (``data.prompt_lengths``), for adapters that act on prompt positions (LoReFT).
         """
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
@@ -339,11 +341,11 @@ class Trainer:
         targets = labels[:, 1:]
         keep = targets != -100
         if "head_loss" not in self.parts:
-            with self._autocast():
+            with prompt_lengths(self.model, prompts), self._autocast():
                 logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
             return loss, int(keep.sum())
-        with self._autocast():
+        with prompt_lengths(self.model, prompts), self._autocast():
             hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             loss = head_loss(self.head, hidden[:, :-1][keep], targets[keep])
         return loss, int(keep.sum())
@@ -356,7 +358,7 @@ class Trainer:
         examples = sorted(self.val_data.examples, key=lambda e: len(e.input_ids))
         total, count = 0.0, 0
         for part in pack_micro_batches(examples, self.t.micro_batch_size * self.spec.data.cutoff_len):
-            loss, n = self.batch_loss(data_mod.collate(part, self.pad_id))
+            loss, n = self.batch_loss(data_mod.collate(part, self.pad_id), data_mod.prompt_lengths(part))
             total += loss.item()
             count += n
         self.model.train()
@@ -396,7 +398,7 @@ class Trainer:
             step_loss, step_tokens = 0.0, 0
             for part in micro:
                 batch = data_mod.collate(part, self.pad_id)
-                loss, _ = self.batch_loss(batch)
+                loss, _ = self.batch_loss(batch, data_mod.prompt_lengths(part))
                 (loss / max(label_total, 1)).backward()
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())

@@ -27,6 +27,9 @@ TINY_SETTINGS = {
     "prefix": {"num_virtual_tokens": 4, "reparam_hidden": 16},
     "prompt": {"num_virtual_tokens": 4, "init": "random"},
     "ptuning": {"num_virtual_tokens": 4, "encoder_hidden": 16},
+    # The generic generate test recomputes without saying where the prompt ends, so only positions counted
+    # from the prompt's start stay put; tests/test_loreft.py checks the last positions with the lengths given.
+    "loreft": {"r": 4, "first_positions": 3, "last_positions": 0},
 }
 ARCHS = list(ARCHITECTURES)
 METHODS = methods.names()
