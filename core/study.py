@@ -267,13 +267,13 @@ def expand(study: StudySpec) -> list[Cell]:
     return cells
 
 
-def _placement_of(cfg: AdapterConfig, axis: Any) -> str:
-    """The placement of ``axis`` an adapter's settings match, or "custom" (a preset with its own)."""
+def _placement_of(cfg: AdapterConfig, axis: Any) -> str | None:
+    """The placement of ``axis`` an adapter's settings match; None for a preset placed its own way."""
     current = cfg.settings.to_dict()
     for name, overrides in axis.options.items():
         if all(current.get(k) == v for k, v in overrides.items()):
             return name
-    return "custom"
+    return None
 
 
 def placement_study(base: JobSpec, name: str = "placement study") -> StudySpec:
