@@ -65,7 +65,8 @@ class PeakRss:
 
 def child(args) -> None:
     from bench.train_throughput import spec_for
-    from core.train import TrainCallbacks, train
+    from core.callbacks import TrainCallbacks
+    from core.train import train
 
     baseline = _status("VmRSS")  # this process with torch and transformers imported
     peak = PeakRss()

@@ -40,7 +40,8 @@ def main() -> None:
     from core.benchmarks import load_benchmark
     from core.evaluate import evaluate
     from core.models import get_model
-    from core.train import TrainCallbacks, train
+    from core.callbacks import TrainCallbacks
+    from core.train import train
 
     out = Path(args.out)
     spec = JobSpec(name="quality: LoRA on math_3k")

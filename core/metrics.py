@@ -2,7 +2,7 @@
 
 A training step is ``{"type": "step", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s",
 "elapsed_s"}`` and a validation ``{"type": "eval", "step", "epoch", "val_loss"}``: the names of
-``core.train.StepReport``/``EvalReport``, the lines of a run's ``metrics.jsonl``, the columns of the
+``core.callbacks.StepReport``/``EvalReport``, the lines of a run's ``metrics.jsonl``, the columns of the
 jobs database's ``metric_points`` and the keys ``app.charts`` reads. Progress that is not a metric
 (``total_steps``, ``eta_s``) stays out. Standard library only: ``jobs`` imports it without torch.
 """

@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import core
+from core.callbacks import TrainCallbacks
 from core.config import JobSpec
 from core.deployment import current
 from core.metrics import eval_record, finite, step_record
@@ -148,8 +149,6 @@ class Budget:
 
 
 def _train_callbacks(rec: Recorder, stop: StopFlag, budget: Budget):
-    from core.train import TrainCallbacks
-
     delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
     fail_at = int(os.environ.get(FAIL_AT_ENV) or 0)
 

@@ -131,7 +131,7 @@ def test_a_spec_with_a_byte_order_mark_is_accepted_and_job_state_errors_fail(env
 @pytest.mark.parametrize("content,words", [
     ("{nope", ["study.json: not valid JSON"]),
     ('{"grid": []}', ["study.json: grid: unknown study key"]),
-    ('{"methods": ["nope"]}', ["study.json: methods: unknown method 'nope'"]),
+    ('{"methods": ["nope"]}', ["study.json: methods: unknown method or preset 'nope'"]),
     ('{"seeds": "one"}', ["study.json: seeds: expected a list"]),
 ])
 def test_study_rejects_a_bad_study_file(env, tmp_path, content, words):
@@ -395,7 +395,7 @@ def test_force_replaces_only_a_previous_runs_outputs(tmp_path):
 
 def test_the_progress_bar_implements_every_training_callback():
     from core.__main__ import ProgressBar
-    from core.train import TrainCallbacks
+    from core.callbacks import TrainCallbacks
 
     hooks = {n for n in vars(TrainCallbacks) if not n.startswith("_")}
     assert hooks <= set(dir(ProgressBar))

@@ -11,7 +11,8 @@ import torch
 
 import core
 from core import AdapterConfig, ConfigError
-from core.train import TrainCallbacks, Trainer, latest_checkpoint, plan_epoch, train
+from core.callbacks import TrainCallbacks
+from core.train import Trainer, latest_checkpoint, plan_epoch, train
 from tests.test_jobs_support import ROWS, tiny_spec
 
 def write_rows(path, rows=ROWS):
