@@ -125,7 +125,7 @@ def test_the_toy_appears_in_the_train_form(toy, service, tiny_model_dir):
 
 
 def test_the_toy_appears_in_the_study_grid(toy):
-    from app import study_tab
+    from app import study_form
     from core.study import StudySpec, expand, hyperparameter_study, placement_study
 
     study = StudySpec(base=study_base(), methods=["toy", "lora"], placements={"toy": ["attn", "mlp"]},
@@ -141,9 +141,9 @@ def test_the_toy_appears_in_the_study_grid(toy):
         StudySpec(base=study_base(), methods=["toy"], placements={"toy": ["both"]}).validate()
     assert err.value.field == "placements.toy"
     inputs = {"methods": ["toy"], "placements.toy": ["mlp"], "values.toy": "8,2", "seeds": "1"}
-    built = study_tab.build_study(study_base(), inputs)
+    built = study_form.build_study(study_base(), inputs)
     assert built.placements == {"toy": ["mlp"]} and built.values == {"toy": [2, 8]}
-    assert study_tab.preset_inputs(study_tab.PRESET_PLACEMENT)["placements.toy"] == ["attn", "mlp"]
+    assert study_form.preset_inputs(study_form.PRESET_PLACEMENT)["placements.toy"] == ["attn", "mlp"]
 
 
 def test_the_toy_appears_in_the_diagram(toy):

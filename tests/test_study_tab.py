@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from app import charts, study_tab, ui
+from app import charts, study_form, study_tab, ui
 from core.config import JobSpec
 from jobs.service import JobService
 from tests.test_jobs_support import tiny_spec, write_data
@@ -90,9 +90,9 @@ def test_invalid_input_names_the_field_and_submits_nothing(service, base_job, ov
 
 def test_presets_and_learning_rates_from_the_widgets(service, base_job):
     """A preset is chosen like a method (it keeps its own settings); a learning rate per entry."""
-    assert ("AdapterH (Series adapter preset)", "AdapterH") in study_tab.entry_choices()
+    assert ("AdapterH (Series adapter preset)", "AdapterH") in study_form.entry_choices()
     chosen = inputs(base_job, methods=["lora", "AdapterH"], learning_rates="AdapterH=1e-3, lora=2e-4")
-    study = study_tab.build_study(study_tab.base_spec(service, chosen["base"]), chosen)
+    study = study_form.build_study(study_form.base_spec(service, chosen["base"]), chosen)
     assert study.learning_rates == {"AdapterH": 1e-3, "lora": 2e-4}
     err, info = study_tab.plan(service, chosen)
     assert _error(err) == "" and "**10 jobs**" in info  # lora 2 x 2 x 2 seeds, AdapterH 1 x 1 x 2 seeds
@@ -106,14 +106,14 @@ def test_a_study_needs_benchmarks(service):
 
 
 def test_presets_fill_the_grid(tiny_model_dir):
-    p = study_tab.preset_inputs(study_tab.PRESET_PLACEMENT)
+    p = study_form.preset_inputs(study_form.PRESET_PLACEMENT)
     assert p["methods"] == ["lora", "series", "parallel"] and p["placements.lora"] == ["attn", "mlp", "both"]
     base = JobSpec()
     base.model.name = str(tiny_model_dir)
-    h = study_tab.preset_inputs(study_tab.PRESET_HYPER, base)
+    h = study_form.preset_inputs(study_form.PRESET_HYPER, base)
     assert h["values.lora"] == "4,8,16,32" and "prefix" in h["methods"]
     assert h["values.series"] == "4,8,16"  # bottlenecks scale with the tiny model's hidden size (32)
-    assert study_tab.preset_inputs(study_tab.PRESET_CUSTOM) == {}
+    assert study_form.preset_inputs(study_form.PRESET_CUSTOM) == {}
 
 
 def test_base_from_the_train_form(service, tiny_model_dir):
@@ -121,9 +121,9 @@ def test_base_from_the_train_form(service, tiny_model_dir):
 
     form = train_tab.default_form()
     form.update({"model.name": str(tiny_model_dir), "eval.benchmarks": ["builtin:math"]})
-    spec = study_tab.base_spec(service, study_tab.BASE_FORM, form)
+    spec = study_form.base_spec(service, study_form.BASE_FORM, form)
     assert spec.model.name == str(tiny_model_dir) and spec.eval.benchmarks == ["builtin:math"]
-    assert study_tab.base_spec(service, study_tab.BASE_DEFAULT).model.name == JobSpec().model.name
+    assert study_form.base_spec(service, study_form.BASE_DEFAULT).model.name == JobSpec().model.name
 
 
 def rig(service, study_id: int, truth: dict[str, float], n: int = 30) -> None:
