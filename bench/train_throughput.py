@@ -40,7 +40,8 @@ def spec_for(method: str, data: str, steps: int):
     return spec
 
 
-def run_ours(method: str, data: str, steps: int, out: Path) -> dict:
+def run_ours(spec, out: Path) -> dict:
+    """Train ``spec`` with ``core.train``: tokens/s over steps 2..N (step 1 is a warm-up), peak RSS, last loss."""
     from core.train import TrainCallbacks, train
 
     class Timer(TrainCallbacks):
@@ -51,7 +52,7 @@ def run_ours(method: str, data: str, steps: int, out: Path) -> dict:
             self.marks.append((time.perf_counter(), r.tokens_per_s, r.loss))
 
     timer = Timer()
-    result = train(spec_for(method, data, steps + 1), out, timer)
+    result = train(spec, out, timer)
     # tokens/s over steps 2..N: each report's tokens_per_s covers exactly its own step (log_every = 1)
     rates = [rate for _, rate, _ in timer.marks[1:]]
     times = [b[0] - a[0] for a, b in zip(timer.marks, timer.marks[1:])]
@@ -106,10 +107,20 @@ def run_naive(method: str, data: str, steps: int) -> dict:
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss.item() * 4}
 
 
+def run_child(cmd: list[str], what: str) -> dict:
+    """Run a bench's child process; the dict on its ``RESULT {json}`` line (its stderr and an exit if it failed)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"{what} failed")
+    return json.loads(line[-1][7:])
+
+
 def child(args) -> None:
     if args.mode == "ours":
         out = Path(args.out)
-        res = run_ours(args.method, args.data, args.steps, out)
+        res = run_ours(spec_for(args.method, args.data, args.steps + 1), out)
     else:
         res = run_naive(args.method, args.data, args.steps)
     print("RESULT " + json.dumps(res))
@@ -139,12 +150,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [sys.executable, __file__, "--mode", mode, "--method", method, "--steps", str(args.steps),
                        "--data", args.data, "--out", tmp]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    sys.stderr.write(proc.stderr[-3000:])
-                    raise SystemExit(f"{mode} {method} failed")
-                results[mode] = json.loads(line[-1][7:])
+                results[mode] = run_child(cmd, f"{mode} {method}")
         n, o = results["naive"], results["ours"]
         speedups[method] = o["tokens_per_s"] / n["tokens_per_s"]
         print(f"| {method} | {n['tokens_per_s']:.0f} | {o['tokens_per_s']:.0f} | {speedups[method]:.2f}x | "
