@@ -41,7 +41,11 @@ from .base import AdapterModule
 
 
 class DoraLinear(lora.LoraLinear):
-    """DoRA around a linear layer: ``LoraLinear``'s arguments; adds ``lora_magnitude`` (one vector per role)."""
+    """DoRA around a linear layer: ``LoraLinear``'s arguments; adds ``lora_magnitude`` (one vector per role).
+
+    ``lora_factors()`` and ``lora_delta()`` stay LoRA's part of ``V`` (what the PEFT layout stores);
+    the layer's own update of the weight is ``delta_weight()``, dense.
+    """
 
     fold_dropout_scale = False  # W xd needs the true dropped-out input, not one rescaled inside A
 
