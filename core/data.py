@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from .config import BUILTIN_DATASET, ConfigError
+from .config import BUILTIN_DATASET
+from .fields import ConfigError
 from .deployment import Deployment, current
-from .sources import ASSETS  # noqa: F401  (re-exported, as before)
 from .hub import HubUnavailable, read_hub_dataset
 from .sources import BUILTIN_DATA, DATA_FILE_TYPES, DataSource, SourceError, resolve_data
 from .templates import render_prompt

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from .config import AdapterConfig, ConfigError, DataSettings, ModelSettings, TrainSettings
+from .config import AdapterConfig, DataSettings, ModelSettings, TrainSettings
+from .fields import ConfigError
 from .deployment import Deployment, current
 from .head_loss import CHUNK_ELEMENTS
 from .inject import adapter_state_dict, adapters_of, attach, trainable_report

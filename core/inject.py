@@ -21,7 +21,8 @@ from torch import nn
 from . import methods
 from .adapters.base import AdapterModule
 from .arch import arch_for, get_backbone, get_layers
-from .config import AdapterConfig, ConfigError, parse_layers
+from .config import AdapterConfig, parse_layers
+from .fields import ConfigError
 
 FORMAT = "adapter-workbench"
 FORMAT_VERSION = 1
