@@ -18,6 +18,7 @@ from typing import Any
 
 import gradio as gr
 
+from core import methods as registry
 from jobs.artifacts import ARTIFACT_LABELS
 
 from .charts import empty_figure, loss_figure
@@ -314,6 +315,14 @@ def spec_of(service: Any, job_id: Any) -> str | None:
         return None
 
 
+def exports_sentence() -> str:
+    """Which methods have which export, from the registry (the others export in our own format only)."""
+    peft = [m.label for m in registry.all() if "peft" in m.exports]
+    merged = [m.label for m in registry.all() if "merged" in m.exports]
+    return (f"The PEFT layout exists for {', '.join(peft) or 'no method'}; the merged model for "
+            f"{', '.join(merged) or 'no method'}; other methods export in this workbench's own format only.")
+
+
 # --------------------------------------------------------------------------------------------------
 # Layout.
 
@@ -389,8 +398,7 @@ def build_jobs_tab(service: Any) -> JobsTab:
             with gr.Tab("Spec"):
                 spec = gr.Code(value="", language="json", label="spec.json", interactive=False, max_lines=22)
             with gr.Tab("Download"):
-                gr.Markdown("Zip files of the trained adapter. PEFT and merged exports are for LoRA.",
-                            elem_classes="muted")
+                gr.Markdown("Zip files of the trained adapter. " + exports_sentence(), elem_classes="muted")
                 download_buttons = {k: gr.Button(label, size="sm") for k, label in ARTIFACTS.items()}
                 download_file = gr.File(label="download", interactive=False, height=80)
     timer = gr.Timer(POLL_SECONDS, active=False)  # the app turns it on while this tab is shown

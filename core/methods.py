@@ -2,8 +2,7 @@
 
 Each family file under ``core/adapters/`` declares its records and registers them (``lora.py``: lora;
 ``bottleneck.py``: series, parallel; ``prompt.py``: prefix, prompt, ptuning; ``ia3.py``: ia3;
-``vera.py``: vera). Everything else that
-needs to know about methods reads this registry and nothing else: ``core.config`` (settings classes,
+``vera.py``: vera; ``dora.py``: dora; ``reft.py``: loreft). Everything else that needs to know about methods reads this registry and nothing else: ``core.config`` (settings classes,
 the paper's presets, the all-layers rule), ``core.inject`` (builders, merging, PEFT export),
 ``core.study`` (placements, the value axis, the paper's sweeps), ``app.diagram`` (what to draw) and the
 Train and Study tabs (labels, settings groups). So a new method is one record in one file, and a

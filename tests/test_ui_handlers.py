@@ -376,3 +376,11 @@ def test_downloads_outside_the_served_folders_are_linked_into_temp(tmp_path, mon
     inside = cwd / "x.zip"
     inside.write_bytes(b"PK")
     assert jobs_tab.servable(inside) == inside.resolve()
+
+
+def test_the_download_panel_names_the_methods_of_each_export():
+    from app.jobs_tab import exports_sentence
+
+    peft, merged = exports_sentence().split(";")[:2]
+    assert "LoRA" in peft and "VeRA" in peft and "LoReFT" not in peft and "Series adapter" not in peft
+    assert "DoRA" in merged and "LoReFT" not in merged
