@@ -41,7 +41,9 @@ def spec_for(method: str, data: str, steps: int):
 
 
 def run_ours(spec, out: Path) -> dict:
-    """Train ``spec`` with ``core.train``: tokens/s over steps 2..N (step 1 is a warm-up), peak RSS, last loss."""
+    """Train ``spec`` with ``core.train``: tokens/s over steps 2..N (step 1 is a warm-up), peak RSS, last loss,
+    and tokens per second of the process's CPU time (``cpu_tokens_per_s``: what other load on the machine
+    does not change)."""
     from core.train import TrainCallbacks, train
 
     class Timer(TrainCallbacks):
@@ -49,16 +51,16 @@ def run_ours(spec, out: Path) -> dict:
             self.marks = []
 
         def on_step(self, r):
-            self.marks.append((time.perf_counter(), r.tokens_per_s, r.loss))
+            self.marks.append((time.perf_counter(), r.tokens_per_s, r.loss, time.process_time()))
 
     timer = Timer()
     result = train(spec, out, timer)
     # tokens/s over steps 2..N: each report's tokens_per_s covers exactly its own step (log_every = 1)
-    rates = [rate for _, rate, _ in timer.marks[1:]]
+    rates = [m[1] for m in timer.marks[1:]]
     times = [b[0] - a[0] for a, b in zip(timer.marks, timer.marks[1:])]
     tokens = sum(r * t for r, t in zip(rates, times))
-    return {"tokens_per_s": tokens / sum(times), "peak_mb": result.peak_memory_mb,
-            "loss": timer.marks[-1][2]}
+    return {"tokens_per_s": tokens / sum(times), "peak_mb": result.peak_memory_mb, "loss": timer.marks[-1][2],
+            "cpu_tokens_per_s": tokens / (timer.marks[-1][3] - timer.marks[0][3])}
 
 
 def run_naive(method: str, data: str, steps: int) -> dict:
