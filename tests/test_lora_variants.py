@@ -332,12 +332,12 @@ def test_pissa_export_is_a_rank_2r_lora_of_the_original_base(arch, init, tmp_pat
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_fast_training_function_with_a_frozen_pair_equals_the_autograd_graph(monkeypatch, method):
-    """bf16 training: the written-out route of PiSSA (and DoRA's factored norm) give the plain route's
-    output and gradients."""
+def test_fast_training_route_from_a_pissa_start_equals_the_plain_route(method):
+    """bf16 training: the written-out route multiplying by the residual ``W - s B0 A0`` (and DoRA's
+    factored norm) gives the output and gradients of the plain route's ``W x - s B0 A0 x``."""
     cls = DoraLinear if method == "dora" else LoraLinear
-    results = []
     for dropout in (0.0, 0.1):
+        results = []
         for fast in (True, False):
             torch.manual_seed(0)
             base = nn.Linear(48, 40).to(torch.bfloat16).requires_grad_(False)
@@ -350,8 +350,13 @@ def test_fast_training_function_with_a_frozen_pair_equals_the_autograd_graph(mon
             (y.float() * torch.linspace(-1, 1, 40)).sum().backward()
             params = [p for p in module.parameters() if p.requires_grad]
             results.append((y, x.grad, *(p.grad for p in params)))
-        fast_run, plain_run = results[-2:]
-        for got, ref in zip(fast_run, plain_run):
+            if fast:
+                residual = base.weight.float() - module.scaling * module.lora_B0 @ module.lora_A0
+                torch.testing.assert_close(module.fast_weight().float(), residual, atol=1e-2, rtol=1e-2)
+                assert module.fast_weight() is module.fast_weight()  # formed once
+                module.eval()
+                assert module._fast_residual is None  # and dropped out of training
+        for got, ref in zip(*results):
             assert got.dtype == ref.dtype
             torch.testing.assert_close(got.float(), ref.float(), atol=3e-2, rtol=2e-2)
 

@@ -16,8 +16,8 @@ The norm needs ``V`` (out x in) per call. The fast route never forms it: with ``
 product and r x r ones (``||W_i||^2`` is kept from the start); the reference route forms ``V`` (in
 fp32), as PEFT does (in the compute dtype). Either is cached while ``A``, ``B`` and ``W`` are unchanged:
 generation computes it once, not once per token. Training a frozen bf16 ``nn.Linear`` (the fast
-kernels), ``V xd`` is LoRA's written-out function (``_LoraTrainFn``) applied to ``xd`` alone; ``g`` and
-dropout's ``W (x - xd)`` stay plain autograd.
+kernels), ``V xd`` is LoRA's written-out function (``_LoraTrainFn``) applied to ``xd`` alone (with
+``fast_weight``); ``g`` and dropout's ``W (x - xd)`` stay plain autograd.
 
 Everything else is LoRA's: rsLoRA, LoRA+ (``m`` at the base learning rate), PiSSA/OLoRA starts (``V``
 is then ``W + s (B A - B0 A0)``), fused q/k/v slices (one magnitude per role, rows outside the
@@ -121,7 +121,7 @@ class DoraLinear(lora.LoraLinear):
         weight = self.base.weight
         return z @ weight if self.transposed else F.linear(z, weight)
 
-    def _residual(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _frozen_part(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``(W - s B0 A0) z``: the frozen part of the layer (``W z`` from a kaiming start)."""
         if self.lora_A0 is None:
             return self._linear(z)
@@ -133,14 +133,16 @@ class DoraLinear(lora.LoraLinear):
         dtype = self.compute_dtype(x)
         xd = self.dropout(x)
         g = self.scale()
-        if self._fused_path(x):  # V xd by LoRA's written-out function, its input xd only
-            v = lora._LoraTrainFn.apply(xd, xd, self.base.weight, None, self.lora_A, self.lora_B[0], 1.0,
-                                        self.scaling, self.lora_A0, self.lora_B0)
+        fast = self._fused_path(x)
+        if fast:  # V xd by LoRA's written-out function, its input xd only
+            v = lora._LoraTrainFn.apply(xd, xd, self.fast_weight(), None, self.lora_A, self.lora_B[0], 1.0,
+                                        self.scaling)
         else:
             v = self.add_rows(self._linear(xd), self.update(xd, xd, dtype))
         y = g * v
         if xd is not x:
-            y = y + self._residual(x - xd, dtype)
+            rest = x - xd
+            y = y + (F.linear(rest, self.fast_weight()) if fast else self._frozen_part(rest, dtype))
         y = y.to(v.dtype)
         bias = self.base.bias
         return y if bias is None else y + bias.to(y.dtype)

@@ -16,8 +16,9 @@ Settings of the LoRA family, shared with DoRA (``dora.py``):
   kept as buffers and saved with the adapter. So "disable" is the original layer bit for bit, save
   and load need no second SVD to agree (randomized SVD draws differently each time), and the update
   over the original base, ``s (B A - B0 A0)``, is a LoRA of rank 2r: ``A' = [A; A0]``,
-  ``B' = [B, -B0]`` (``lora_factors``), which is how it merges and exports. The frozen pair costs a
-  rank-r product per call (it reads the un-dropped input, as the residual weight would).
+  ``B' = [B, -B0]`` (``lora_factors``), which is how it merges and exports. The frozen pair reads the
+  un-dropped input, as the residual weight would; the fast training route multiplies by the residual
+  itself (``fast_weight``).
 
 The end of the file declares the method: its settings, builder, PEFT layout, drawing and record.
 """
@@ -48,66 +49,43 @@ class _LoraTrainFn(torch.autograd.Function):
     autograd graph of the same expression records every cast and scaling, forward and backward. Part
     of a 10% faster LoRA training step on SmolLM2 (with the cheaper dropout draws, measured together).
     The gradients for ``A`` and ``B`` come back in their own dtype (fp32).
-
-    A frozen pair ``A0``, ``B0`` (PiSSA, OLoRA) adds ``- (x A0^T) (sb B0)^T``, read from ``x`` itself;
-    without dropout it shares the GEMMs of the trained pair (``[A; A0]``, ``[B, -B0]``).
     """
 
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, lora_a, lora_b, a_scale: float, b_scale: float,
-                frozen_a=None, frozen_b=None):
+    def forward(ctx, x, xd, weight, bias, lora_a, lora_b, a_scale: float, b_scale: float):
         dtype = weight.dtype
         a = (lora_a * a_scale).to(dtype)
         b = (lora_b * b_scale).to(dtype)
-        rank = a.shape[0]
-        if frozen_a is not None:
-            a0, b0 = frozen_a.to(dtype), (frozen_b * -b_scale).to(dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        shared = xd is x
-        xd2 = x2 if shared else xd.reshape(-1, xd.shape[-1])
+        xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
+        h = xd2 @ a.t()
         y = F.linear(x2, weight, bias)
-        if frozen_a is not None and shared:
-            a, b = torch.cat([a, a0]), torch.cat([b, b0], 1)
-            h_all = xd2 @ a.t()
-            y.addmm_(h_all, b.t())
-            h = h_all[:, :rank]
-        else:
-            h = xd2 @ a.t()
-            y.addmm_(h, b.t())
-            if frozen_a is not None:
-                y.addmm_(x2 @ a0.t(), b0.t())
-                a, b = torch.cat([a, a0]), torch.cat([b, b0], 1)
+        y.addmm_(h, b.t())
         ctx.save_for_backward(xd2, h, a, b, weight)
-        ctx.shared_input = shared
-        ctx.rank = rank
+        ctx.shared_input = xd is x
         ctx.scales = (a_scale, b_scale)
         ctx.param_dtype = lora_a.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        xd2, h, a, b, weight = ctx.saved_tensors  # a, b: [A; A0], [B, -B0] with a frozen pair
+        xd2, h, a, b, weight = ctx.saved_tensors
         a_scale, b_scale = ctx.scales
-        rank = ctx.rank
         g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
-        dh_all = g @ b
-        dh = dh_all[:, :rank]
+        dh = g @ b
         grad_b = (g.t() @ h).to(ctx.param_dtype).mul_(b_scale)
         grad_a = (dh.t() @ xd2).to(ctx.param_dtype).mul_(a_scale)
         shape = (*grad.shape[:-1], weight.shape[1])
         grad_x = grad_xd = None
-        if ctx.shared_input:  # no dropout: every path flows into x, one GEMM accumulates them
+        if ctx.shared_input:  # no dropout: both paths flow into x, one GEMM accumulates them
             if ctx.needs_input_grad[0]:
-                grad_x = torch.addmm(dh_all @ a, g, weight).view(shape)
+                grad_x = torch.addmm(dh @ a, g, weight).view(shape)
         else:
             if ctx.needs_input_grad[0]:
-                grad_x = g @ weight
-                if b.shape[1] > rank:  # the frozen pair reads x
-                    grad_x.addmm_(dh_all[:, rank:], a[rank:])
-                grad_x = grad_x.view(shape)
+                grad_x = (g @ weight).view(shape)
             if ctx.needs_input_grad[1]:
-                grad_xd = (dh @ a[:rank]).view(shape)
-        return grad_x, grad_xd, None, None, grad_a, grad_b, None, None, None, None
+                grad_xd = (dh @ a).view(shape)
+        return grad_x, grad_xd, None, None, grad_a, grad_b, None, None
 
 
 class LoraLinear(WeightMerging):
@@ -154,6 +132,7 @@ class LoraLinear(WeightMerging):
             self.out_index = None
         self.register_buffer("lora_A0", None, persistent=False)  # saved through adapter_named_params
         self.register_buffer("lora_B0", None, persistent=False)
+        self._fast_residual: tuple[tuple, torch.Tensor] | None = None  # see fast_weight
         if init != "kaiming":
             self._start_from_weight(parts)
 
@@ -250,10 +229,32 @@ class LoraLinear(WeightMerging):
         if self._fused_path(x):
             folds = self.p > 0 and not getattr(self.dropout, "rescale", True)
             a_scale = 1.0 / (1.0 - self.p) if folds else 1.0
-            return _LoraTrainFn.apply(x, self.dropout(x), self.base.weight, self.base.bias,
-                                      self.lora_A, self.lora_B[0], a_scale, self.scaling,
-                                      self.lora_A0, self.lora_B0)
+            return _LoraTrainFn.apply(x, self.dropout(x), self.fast_weight(), self.base.bias,
+                                      self.lora_A, self.lora_B[0], a_scale, self.scaling)
         return self.add_rows(self.base(x), self.update(x, self.dropout(x), self.compute_dtype(x)))
+
+    def fast_weight(self) -> torch.Tensor:
+        """The weight the fast training route multiplies: ``W``, or from a PiSSA/OLoRA start the residual
+        ``W - s B0 A0`` in ``W``'s dtype, formed once and kept until the module leaves training mode.
+
+        The plain route computes ``W x - s B0 (A0 x)``: two more rank-r products per call, 16% of a
+        PiSSA training step on SmolLM2 (bf16, dropout 0.05); the residual costs one more copy of each
+        adapted weight while training instead (bench/RESULTS.md, "LoRA family").
+        """
+        weight = self.base.weight
+        if self.lora_A0 is None:
+            return weight
+        key = (weight.data_ptr(), weight._version, self.lora_A0._version, self.lora_B0._version)
+        if self._fast_residual is None or self._fast_residual[0] != key:
+            with torch.no_grad():
+                frozen = self._rows(self.lora_A0, self.frozen_Bs()) * self.scaling
+                self._fast_residual = (key, (weight.float() - frozen).to(weight.dtype))
+        return self._fast_residual[1]
+
+    def train(self, mode: bool = True) -> "LoraLinear":
+        if not mode:
+            self._fast_residual = None  # the fast route's copy of the weight is for training only
+        return super().train(mode)
 
     def use_training_kernels(self, fast_function: bool, fast_dropout: bool,
                              dropout_share: dict | None = None) -> None:
