@@ -237,9 +237,10 @@ class LoraLinear(WeightMerging):
         """The weight the fast training route multiplies: ``W``, or from a PiSSA/OLoRA start the residual
         ``W - s B0 A0`` in ``W``'s dtype, formed once and kept until the module leaves training mode.
 
-        The plain route computes ``W x - s B0 (A0 x)``: two more rank-r products per call, 16% of a
-        PiSSA training step on SmolLM2 (bf16, dropout 0.05); the residual costs one more copy of each
-        adapted weight while training instead (bench/RESULTS.md, "LoRA family").
+        The plain route computes ``W x - s B0 (A0 x)``: two more rank-r products per call, which made
+        PiSSA train at 0.84x LoRA's tokens/s on SmolLM2 (bf16, dropout 0.05); with the residual it trains
+        at 1.01x, for one more bf16 copy of each adapted weight while training (+240 MB peak on SmolLM2,
+        bench/RESULTS.md, "LoRA family").
         """
         weight = self.base.weight
         if self.lora_A0 is None:
