@@ -437,4 +437,4 @@ def test_pissa_export_in_bf16_equals_the_trained_model_within_bf16_rounding(tmp_
     loaded = peft.PeftModel.from_pretrained(tiny_model("llama").to(torch.bfloat16), str(tmp_path)).eval()
     got = logits(loaded, batch).float()
     assert (expected - logits(tiny_model("llama").to(torch.bfloat16), batch).float()).abs().max() > 0.05
-    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)  # measured 2-6e-3: 1-2 bf16 steps at |logit| 0.5
