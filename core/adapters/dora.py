@@ -132,20 +132,26 @@ class DoraLinear(lora.LoraLinear):
             return self.base(x)
         dtype = self.compute_dtype(x)
         xd = self.dropout(x)
-        g = self.scale()
         fast = self._fused_path(x)
         if fast:  # V xd by LoRA's written-out function, its input xd only
             v = lora._LoraTrainFn.apply(xd, xd, self.fast_weight(), None, self.lora_A, self.lora_B[0], 1.0,
                                         self.scaling)
         else:
             v = self.add_rows(self._linear(xd), self.update(xd, xd, dtype))
-        y = g * v
-        if xd is not x:
-            rest = x - xd
-            y = y + (F.linear(rest, self.fast_weight()) if fast else self._frozen_part(rest, dtype))
-        y = y.to(v.dtype)
+        # g ⊙ v as v + (g - 1) ⊙ v, in v's dtype: g - 1 is small and keeps its digits in bf16, where g itself
+        # would round to a step of 1/128; no fp32 copy of the activations (a third of a DoRA step in fp32).
+        gm1 = (self.scale() - 1).to(v.dtype)
         bias = self.base.bias
-        return y if bias is None else y + bias.to(y.dtype)
+        if xd is x:
+            y = torch.addcmul(v, v, gm1)
+            return y if bias is None else y.add_(bias.to(y.dtype))
+        rest = x - xd
+        if fast:
+            y = F.linear(rest, self.fast_weight(), bias)
+        else:
+            y = self._frozen_part(rest, dtype)
+            y = y if bias is None else y + bias.to(y.dtype)
+        return y.add_(v).addcmul_(v, gm1)
 
     def delta_weight(self) -> torch.Tensor:
         """``W' - W = g ⊙ V - W`` (out x in, fp32)."""
