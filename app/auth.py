@@ -42,9 +42,6 @@ from core.deployment import using
 
 from .logins import LoginError, Logins, load_logins, main
 from .visitors import VISITOR_COOKIE, server_secret, visitor_tokens
-# Known from here before they had modules of their own (tests import them from app.auth).
-from .logins import hash_password, verify_password  # noqa: F401
-from .visitors import LoginRateLimiter, VisitorCookieMiddleware, VisitorTokens  # noqa: F401
 
 BUILD_ACTOR = Actor("build:page")       # owns nothing: what the page sees while it is being built (team, public)
 

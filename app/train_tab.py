@@ -28,7 +28,6 @@ from .diagram import available_roles, block_diagram
 from .forms import Form, add_fields, collect
 from .train_form import (DATA_KINDS, SOURCE_KINDS, adapter_config, cli_text, data_source, form_from_spec,
                          model_settings, preset_values, role_fields, spec_from_form)
-from .train_form import default_form  # noqa: F401  (re-exported: callers know it from here)
 
 UPLOAD_TYPES = (".json", ".jsonl", ".csv")
 PREVIEW_ROWS = 5

@@ -44,7 +44,8 @@ def run_ours(spec, out: Path) -> dict:
     """Train ``spec`` with ``core.train``: tokens/s over steps 2..N (step 1 is a warm-up), peak RSS, last loss,
     and tokens per second of the process's CPU time (``cpu_tokens_per_s``: what other load on the machine
     does not change)."""
-    from core.train import TrainCallbacks, train
+    from core.callbacks import TrainCallbacks
+    from core.train import train
 
     class Timer(TrainCallbacks):
         def __init__(self):

@@ -15,7 +15,7 @@ which is why no architecture needs a module of its own for "the attention block"
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

@@ -25,9 +25,10 @@ import httpx
 import pytest
 
 from app import auth, ui
-from app.auth import (LOCAL_USER, Actor, LoginError, LoginRateLimiter, Logins, ScopedService, VisitorTokens,
-                      acting_as, current_actor, hash_password, load_logins, protect, startup_settings,
-                      verify_password)
+from app.auth import (LOCAL_USER, Actor, LoginError, Logins, ScopedService, acting_as, current_actor, load_logins,
+                      protect, startup_settings)
+from app.logins import hash_password, verify_password
+from app.visitors import LoginRateLimiter, VisitorCookieMiddleware, VisitorTokens
 from core.deployment import Deployment, DeploymentError
 from jobs.service import JobService
 
@@ -552,14 +553,14 @@ def test_the_visitor_cookie_is_cross_site_on_a_space():
             return await client.get("/", headers={"cookie": cookie} if cookie else {})
 
     tokens = VisitorTokens(b"s" * 32)
-    on_space = asyncio.run(get(auth.VisitorCookieMiddleware(app, tokens, cross_site=True), "theme=dark"))
+    on_space = asyncio.run(get(VisitorCookieMiddleware(app, tokens, cross_site=True), "theme=dark"))
     set_cookie = on_space.headers["set-cookie"]
     assert "HttpOnly" in set_cookie and "SameSite=None; Secure; Partitioned" in set_cookie
     token = set_cookie.split(";")[0].partition("=")[2]
     assert tokens.verify(token) and on_space.text == f"theme=dark; {auth.VISITOR_COOKIE}={token}"
-    off_space = asyncio.run(get(auth.VisitorCookieMiddleware(app, tokens)))
+    off_space = asyncio.run(get(VisitorCookieMiddleware(app, tokens)))
     assert "SameSite=Lax" in off_space.headers["set-cookie"] and "Secure" not in off_space.headers["set-cookie"]
-    kept = asyncio.run(get(auth.VisitorCookieMiddleware(app, tokens), f"{auth.VISITOR_COOKIE}={token}"))
+    kept = asyncio.run(get(VisitorCookieMiddleware(app, tokens), f"{auth.VISITOR_COOKIE}={token}"))
     assert "set-cookie" not in kept.headers and kept.text == f"{auth.VISITOR_COOKIE}={token}"
 
 

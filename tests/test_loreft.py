@@ -249,7 +249,8 @@ def loreft_spec(tiny_model_dir, data, **train):
 def test_the_trainer_passes_prompt_lengths_and_keeps_R_orthonormal(tiny_model_dir, tmp_path, monkeypatch):
     """A short ``core.train`` run with weight decay: the loss falls, the edit sits on the prompt (the trainer
     says where each prompt ends), R is still orthonormal, and the saved adapter reloads exactly."""
-    from core.train import TrainCallbacks, Trainer
+    from core.callbacks import TrainCallbacks
+    from core.train import Trainer
 
     class Losses(TrainCallbacks):
         def __init__(self):
@@ -314,9 +315,9 @@ def test_chat_answers_with_the_adapter(tiny_model_dir, tmp_path):
 
 
 def test_train_tab_says_loreft_exports_in_our_own_format_only(tiny_model_dir):
-    from app import train_tab
+    from app import train_form, train_tab
 
-    form = {**train_tab.default_form(), "model.name": str(tiny_model_dir), "adapter.method": "loreft"}
+    form = {**train_form.default_form(), "model.name": str(tiny_model_dir), "adapter.method": "loreft"}
     model_line, estimate_md, diagram = train_tab.plan(form)
     assert "LoReFT exports in our own format only" in estimate_md
     assert f"{2 * (2 * 8 * 32 + 8):,}" in estimate_md  # two layers of 2 r hidden + r

@@ -104,7 +104,7 @@ def test_the_toy_is_configured_like_any_method(toy):
 
 
 def test_the_toy_appears_in_the_train_form(toy, service, tiny_model_dir):
-    from app import train_tab
+    from app import train_form, train_tab
 
     with gr.Blocks():
         tab = train_tab.build_train_tab(service)
@@ -115,7 +115,7 @@ def test_the_toy_appears_in_the_train_form(toy, service, tiny_model_dir):
     assert [v["visible"] for v in train_tab.method_visibility("toy")] == [m == "toy" for m in methods.names()]
     assert train_tab.preset_values("ToyPreset") == {"adapter.method": "toy", "adapter.toy.width": 2,
                                                    "adapter.toy.roles": ["o"]}
-    form = {**train_tab.default_form(), "model.name": str(tiny_model_dir), "adapter.method": "toy",
+    form = {**train_form.default_form(), "model.name": str(tiny_model_dir), "adapter.method": "toy",
             "adapter.toy.width": 3}
     spec = train_tab.spec_from_form(form)  # validated, and estimated on the tiny model
     assert spec.adapter.method == "toy" and spec.adapter.settings == ToySettings(width=3)

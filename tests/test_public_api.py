@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from app import auth, ui
-from app.auth import Logins, hash_password
+from app.auth import Logins
+from app.logins import hash_password
 from core.deployment import Deployment
 from jobs.service import JobService
 from tests.test_auth import call

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from app import train_tab
+from app import train_form, train_tab
 from core.fields import ConfigError
 from core.deployment import Deployment, configure
 from jobs.service import JobService
@@ -46,7 +46,7 @@ def evil_spec(folder, tmp_path, trust: bool):
 def test_the_web_process_never_runs_it_even_with_every_switch_on(evil, tmp_path):
     folder, marker = evil
     service = service_for(tmp_path, allow_remote_code=True)
-    form = {**train_tab.default_form(), "model.name": str(folder), "model.trust_remote_code": True,
+    form = {**train_form.default_form(), "model.name": str(folder), "model.trust_remote_code": True,
             "train.max_steps": 2, "train.batch_size": 4, "train.micro_batch_size": 2}
     model_line, estimate_md, _ = train_tab.plan(form)
     assert "needs remote code; runs inside the job" in model_line + estimate_md

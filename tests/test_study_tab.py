@@ -117,9 +117,9 @@ def test_presets_fill_the_grid(tiny_model_dir):
 
 
 def test_base_from_the_train_form(service, tiny_model_dir):
-    from app import train_tab
+    from app import train_form
 
-    form = train_tab.default_form()
+    form = train_form.default_form()
     form.update({"model.name": str(tiny_model_dir), "eval.benchmarks": ["builtin:math"]})
     spec = study_form.base_spec(service, study_form.BASE_FORM, form)
     assert spec.model.name == str(tiny_model_dir) and spec.eval.benchmarks == ["builtin:math"]

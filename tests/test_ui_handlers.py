@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from app import charts, chat_tab, compare_tab, jobs_tab, train_tab, ui
+from app import charts, chat_tab, compare_tab, jobs_tab, train_form, train_tab, ui
 from app.diagram import available_roles, block_diagram, describe
 from app.forms import kind_of, parse_value
 from core import AdapterConfig, ConfigError, JobSpec, attach, save_adapter
@@ -32,7 +32,7 @@ def service(tmp_path):
 @pytest.fixture
 def form(tiny_model_dir):
     """The default form with the tiny local model and a quick run."""
-    values = train_tab.default_form()
+    values = train_form.default_form()
     values.update({"model.name": str(tiny_model_dir), "train.max_steps": 2, "train.batch_size": 4,
                    "train.micro_batch_size": 2, "data.limit": 20, "data.val_size": 4})
     return values
@@ -56,7 +56,7 @@ def test_every_setting_has_a_widget(service):
     for prefix, cls in [("model", ModelSettings), ("train", TrainSettings), ("eval", EvalSettings)]:
         assert {f"{prefix}.{m['name']}" for m in fields_of(cls)} <= paths
     assert {f"data.{m['name']}" for m in fields_of(DataSettings) if m["name"] != "source"} <= paths
-    assert set(train_tab.default_form()) <= paths  # and the default form fills only real widgets
+    assert set(train_form.default_form()) <= paths  # and the default form fills only real widgets
 
 
 def test_spec_from_form_round_trips(form, tiny_model_dir):

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec, in_out_features
-from ..config import AdapterConfig, Settings, setting
+from ..config import AdapterConfig
+from ..fields import Settings, setting
 from ..methods import Box, Drawing, Method, Placements, register
 from .base import AdapterModule, block_points, make_dropout, sites
 

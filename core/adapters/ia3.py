@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec, in_out_features, is_conv1d
-from ..config import ROLES, AdapterConfig, ConfigError, Settings, setting
+from ..config import ROLES, AdapterConfig
+from ..fields import ConfigError, Settings, setting
 from ..methods import Drawing, Method, register
 from .base import AdapterModule, WeightMerging, target_layers
 

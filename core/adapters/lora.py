@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchSpec, in_out_features, is_conv1d
-from ..config import ROLES, AdapterConfig, ConfigError, Settings, parse_layers, setting
+from ..config import ROLES, AdapterConfig, parse_layers
+from ..fields import ConfigError, Settings, setting
 from ..methods import Drawing, Method, Placements, register
 from .base import AdapterModule, FastDropout, MaskShare, WeightMerging, target_layers
 from .lora_init import INITS, initial_factors

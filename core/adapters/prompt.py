@@ -25,7 +25,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..arch import ArchSpec, attention_shape
-from ..config import AdapterConfig, ConfigError, Settings, setting
+from ..config import AdapterConfig
+from ..fields import ConfigError, Settings, setting
 from ..methods import Drawing, Method, register
 from .base import AdapterModule
 

@@ -49,7 +49,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..arch import ArchSpec, get_layers
-from ..config import AdapterConfig, ConfigError, Settings, setting
+from ..config import AdapterConfig
+from ..fields import ConfigError, Settings, setting
 from ..methods import Drawing, Method, register
 from .base import AdapterModule, make_dropout
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchSpec, in_out_features, is_conv1d
-from ..config import ROLES, AdapterConfig, ConfigError, Settings, setting
+from ..config import ROLES, AdapterConfig
+from ..fields import ConfigError, Settings, setting
 from ..methods import Drawing, Method, register
 from .base import AdapterModule, WeightMerging, make_dropout, target_layers
 
