@@ -294,8 +294,15 @@ class TrainSettings(Settings):
     kernels: str = setting("fast", "training speed paths: fast (CPU kernels, one dropout mask shared by q/k/v "
                                    "LoRA) or reference (plain Hugging Face forward and autograd)",
                            choices=("fast", "reference"))
+    devices: int = setting(1, "training processes: one per GPU, or CPU processes (gloo); more than 1 needs "
+                              "strategy ddp", min=1, max=64, integer=True)
+    strategy: str = setting("single", "single = one process; ddp = torchrun starts `devices` processes, each "
+                                      "on its share of every batch, adapter gradients all-reduced",
+                            choices=("single", "ddp"))
 
     def check(self) -> None:
+        if self.devices > 1 and self.strategy != "ddp":
+            raise ConfigError("devices", f"{self.devices} processes need strategy ddp (got {self.strategy})")
         if self.learning_rate <= 0:
             raise ConfigError("learning_rate", f"must be > 0 (got {self.learning_rate})")
         if self.micro_batch_size > self.batch_size:

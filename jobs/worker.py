@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .launch import child_command, processes
 from .service import LOG_FILE, JobService, host_name, worker_tag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ class Worker:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.concurrency))
         try:
             with open(out / LOG_FILE, "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "jobs.run", str(job_id)], cwd=REPO_ROOT, env=env,
+                proc = subprocess.Popen(child_command(job_id, processes(job["spec"])), cwd=REPO_ROOT, env=env,
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         except OSError as err:

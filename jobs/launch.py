@@ -1,0 +1,28 @@
+"""The command line of a job's process, one place for the worker and for tests.
+
+One process: ``python -m jobs.run <id>``. With ``train.devices = N > 1`` (strategy ``ddp``):
+``python -m torch.distributed.run --standalone --nproc-per-node N -m jobs.run <id>``, PyTorch's own
+launcher (``torchrun``), which gives each rank its ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` and ends the
+whole group when one rank fails. ``is_job_process`` in ``jobs.worker`` recognises both forms by their
+``jobs.run <id>`` arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def processes(spec: dict[str, Any] | None) -> int:
+    """How many processes the job's spec (its stored JSON object) asks for: ``train.devices``, at least 1."""
+    train = (spec or {}).get("train") or {}
+    devices = train.get("devices", 1)
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) and devices > 1 else 1
+
+
+def child_command(job_id: int, nproc: int = 1) -> list[str]:
+    """The argv that runs job ``job_id`` on ``nproc`` processes (the worker's cwd is the repository root)."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "jobs.run", str(job_id)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "jobs.run", str(job_id)]
