@@ -1,8 +1,11 @@
-"""Jobs tab: every job in the database, refreshed by a timer; the selected job's curves, spec and log.
+"""Jobs tab: every job in the database, refreshed by a timer; the selected job's curves, spec and log;
+the workers sharing the queue and where each job ran.
 
 The page keeps nothing but the selection (per browser session); jobs live in the database and run
 in worker processes, so a reload or a second browser finds them again. The timer polls one cheap
-query (``list_jobs``) and redraws the chart and log only when the selected jobs moved on.
+query (``list_jobs``) and redraws the chart and log only when the selected jobs moved on; the
+workers' table (``list_workers``) is redrawn only when a worker comes, goes, turns stale or changes jobs.
+Hosts and tags of workers come from the service, which leaves them out for public visitors.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ import gradio as gr
 
 from core import methods as registry
 from jobs.artifacts import ARTIFACT_LABELS
+from jobs.devices import GiB
+from jobs.errors import JobError
 
 from .charts import empty_figure, loss_figure
 from .common import error_text, error_update, fmt_duration, fmt_float, guarded, warn
+from .workers_panel import build_workers_panel, refresh_workers
 
 POLL_SECONDS = 2.0
 MAX_LISTED = 500  # newest jobs in the table
 LOG_LINES = 200
-TABLE_HEADERS = ["id", "name", "kind", "method", "status", "progress", "ETA", "best val loss", "created"]
+TABLE_HEADERS = ["id", "name", "kind", "method", "status", "progress", "ETA", "best val loss", "created", "worker"]
 STATUS_ICONS = {"queued": "○", "running": "▶", "succeeded": "✓", "failed": "✗", "cancelled": "■",
                 "interrupted": "!"}
 ARTIFACTS = ARTIFACT_LABELS
@@ -52,6 +58,22 @@ def progress_text(job: dict[str, Any]) -> str:
     return ""
 
 
+def ran_on(job: dict[str, Any]) -> str:
+    """The worker a job ran (or runs) on: its tag, or the ``host:pid`` it recorded; '' when not shown."""
+    where = job.get("ran_on") or {}
+    return where.get("tag") or job.get("worker") or ""
+
+
+def needs_text(job: dict[str, Any]) -> str:
+    """What a job needs of a worker, e.g. ``cuda ×2, 40 GiB each``; '' for one process on any device."""
+    needs = job.get("needs") or {}
+    device, n, memory = needs.get("device") or "auto", needs.get("processes") or 1, needs.get("gpu_memory")
+    if device == "auto" and n == 1 and not memory:
+        return ""
+    text = f"{device} ×{n}" if n > 1 else device
+    return text + (f", {memory / GiB:g} GiB each" if memory and device != "cpu" else "")
+
+
 def job_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
     """The table: one row per job, newest first."""
     rows = []
@@ -60,7 +82,8 @@ def job_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
         eta = fmt_duration(p.get("eta_s")) if j["status"] == "running" else ""
         rows.append([j["id"], j.get("name") or "", j.get("kind") or "", method_of(j),
                      f"{STATUS_ICONS.get(j['status'], '')} {j['status']}", progress_text(j), eta,
-                     fmt_float(j.get("best_val_loss")), (j.get("created_at") or "")[:16].replace("T", " ")])
+                     fmt_float(j.get("best_val_loss")), (j.get("created_at") or "")[:16].replace("T", " "),
+                     ran_on(j)])
     return rows
 
 
@@ -103,6 +126,13 @@ def status_markdown(job: dict[str, Any] | None) -> str:
         facts.append(f"resumes #{job['resumes_job_id']}")
     if job.get("target_job_id"):
         facts.append(f"evaluates #{job['target_job_id']}")
+    if needs_text(job):
+        facts.append(f"needs {needs_text(job)}")
+    where = job.get("ran_on") or {}
+    if where.get("tag"):
+        facts.append(f"worker **{where['tag']}**" + (f" on {where['host']}" if where.get("host") else ""))
+    elif job.get("worker"):
+        facts.append(f"worker {job['worker']}")
     lines.append(" · ".join(facts))
     if job.get("cancel_requested") and job["status"] == "running":
         lines.append("_Cancel requested: the job stops at its next step and saves its adapter._")
@@ -151,6 +181,15 @@ def chart(service: Any, jobs_by_id: dict[int, dict[str, Any]], ids: list[int], s
 # --------------------------------------------------------------------------------------------------
 # Handlers (plain functions of the service and widget values).
 
+def log_text(service: Any, job_id: int) -> str:
+    """The end of the job's log, or why it cannot be read here (it ran on another host and the runs
+    directory is not shared: the service's message names the worker to those who may see it)."""
+    try:
+        return service.logs(job_id, LOG_LINES)
+    except JobError as err:
+        return f"[{err}]"
+
+
 def refresh(service: Any, selected: Any, overlay: Any, smoothing: float, log_scale: bool,
             seen: dict | None) -> tuple:
     """The timer's poll: (table, job choices, overlay choices, status, chart, log, seen).
@@ -161,7 +200,7 @@ def refresh(service: Any, selected: Any, overlay: Any, smoothing: float, log_sca
     jobs = service.list_jobs(limit=MAX_LISTED)
     by_id = {j["id"]: j for j in jobs}
     table_sig = json.dumps([[j["id"], j["status"], (j.get("progress") or {}).get("step"), j.get("best_val_loss"),
-                             (j.get("progress") or {}).get("phase"), j.get("name")] for j in jobs])
+                             (j.get("progress") or {}).get("phase"), j.get("name"), ran_on(j)] for j in jobs])
     choices_sig = json.dumps([[j["id"], j.get("name"), j["status"]] for j in jobs])
     out_table = gr.skip()
     out_choices = out_overlay = gr.skip()
@@ -184,9 +223,9 @@ def refresh(service: Any, selected: Any, overlay: Any, smoothing: float, log_sca
         out_status = status_markdown(job)
         seen["status"] = status_sig
         if job is not None:
-            out_log = service.logs(job["id"], LOG_LINES)
+            out_log = log_text(service, job["id"])
     elif job is not None and job["status"] == "running":
-        out_log = service.logs(job["id"], LOG_LINES)
+        out_log = log_text(service, job["id"])
     ids = _ids(selected, overlay)
     sig = chart_signature(by_id, ids, smoothing, log_scale)
     out_chart = gr.skip()
@@ -206,7 +245,7 @@ def select_job(service: Any, selected: Any, overlay: Any, smoothing: float, log_
         job = None
     ids = _ids(selected, overlay)
     spec = json.dumps(job["spec"], indent=2) if job else ""
-    log = service.logs(job["id"], LOG_LINES) if job else ""
+    log = log_text(service, job["id"]) if job else ""
     seen = {"chart": chart_signature(by_id, ids, smoothing, log_scale),
             "status": json.dumps(job, default=str) if job else ""}
     return status_markdown(job), chart(service, by_id, ids, smoothing, log_scale), spec, log, seen
@@ -350,6 +389,8 @@ class JobsTab:
     refresh_button: Any
     timer: Any
     seen: Any
+    workers: Any  # the workers' table
+    workers_seen: Any  # gr.State: what the workers' table last showed
     clone_spec: Any  # gr.State: spec JSON handed to the Train tab
     clone_event: Any = None  # the Clone click, for the app to chain "fill the Train tab" onto
 
@@ -368,7 +409,8 @@ def build_jobs_tab(service: Any) -> JobsTab:
                     f"itself every {POLL_SECONDS:g} s.", elem_classes="muted")
         refresh_button = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110)
     table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, max_height=300, wrap=False,
-                         column_widths=["5%", "22%", "8%", "8%", "12%", "13%", "8%", "10%", "14%"])
+                         column_widths=["5%", "19%", "7%", "7%", "11%", "12%", "7%", "9%", "12%", "11%"])
+    workers = build_workers_panel()
     with gr.Row(equal_height=True):
         job = gr.Dropdown(choices=[], value=None, label="job", scale=2, allow_custom_value=False)
         overlay = gr.Dropdown(choices=[], value=[], multiselect=True, label="overlay other jobs for comparison",
@@ -409,7 +451,7 @@ def build_jobs_tab(service: Any) -> JobsTab:
                   resume_button=resume_button, delete_button=delete_button, confirm_row=confirm_row,
                   confirm_delete=confirm_delete, keep_button=keep_button, clone_button=clone_button,
                   download_buttons=download_buttons, download_file=download_file, refresh_button=refresh_button,
-                  timer=timer, seen=seen, clone_spec=clone_spec)
+                  timer=timer, seen=seen, workers=workers, workers_seen=gr.State(None), clone_spec=clone_spec)
     _wire(tab, service)
     return tab
 
@@ -419,6 +461,11 @@ def _wire(tab: JobsTab, service: Any) -> None:
     poll = guarded(7)(lambda *v: refresh(service, *v))
     tab.timer.tick(poll, poll_inputs, tab.refresh_outputs, show_progress="hidden", queue=False)
     tab.refresh_button.click(lambda *v: refresh(service, *v[:-1], {}), poll_inputs, tab.refresh_outputs)
+    poll_workers = guarded(2)(lambda seen: refresh_workers(service, seen))  # its own event: refresh's outputs stay
+    tab.timer.tick(poll_workers, tab.workers_seen, [tab.workers, tab.workers_seen], show_progress="hidden",
+                   queue=False)
+    tab.refresh_button.click(lambda: refresh_workers(service, None), None, [tab.workers, tab.workers_seen],
+                             show_progress="hidden")
     select = guarded(5)(lambda *v: select_job(service, *v))
     select_inputs = [tab.job, tab.overlay, tab.smoothing, tab.log_scale]
     tab.job.change(select, select_inputs, tab.select_outputs, show_progress="hidden")

@@ -1,6 +1,6 @@
 """Command line of the jobs service.
 
-    python -m jobs submit spec.json [--kind train|evaluate] [--name NAME]   # last line: the new job id
+    python -m jobs submit spec.json [--kind train|evaluate] [--name NAME] [--gpu-memory GIB]  # prints the id
     python -m jobs list [--status S] [--json]
     python -m jobs show ID [--json]
     python -m jobs cancel ID
@@ -9,7 +9,9 @@
     python -m jobs delete ID [--keep-files]
     python -m jobs export ID [--kind adapter|peft|merged]                   # prints the zip's path
     python -m jobs evaluations [--job ID] [--json]
-    python -m jobs worker [--concurrency N] [--poll S] [--until-idle]
+    python -m jobs worker [--devices auto|cpu|cuda|cuda:0,1] [--tag NAME] [--concurrency N]
+                          [--lease S] [--heartbeat S] [--poll S] [--until-idle]
+    python -m jobs workers [--json]                                         # the registry: live and stale
 
 ``--db URL`` (before the command) picks the database; default ``$WORKBENCH_DB_URL`` or
 ``$WORKBENCH_HOME/workbench.db``.
@@ -34,9 +36,11 @@ from core.paths import InputFileError, WorkbenchHomeError, cli_error, read_json,
 
 from .artifacts import ARTIFACT_KINDS
 from .db import DatabaseError
+from .devices import GiB, parse_devices
 from .errors import JobError, JobNotFound
 from .schema import STATUSES
 from .service import JobService
+from .worker import HEARTBEAT_S, LEASE_S
 
 USAGE, FAILURE = 2, 1
 
@@ -112,6 +116,16 @@ def _show(job: dict) -> None:
         print("\n".join("    " + line for line in job["traceback"].rstrip().splitlines()[-15:]))
 
 
+def _print_workers(workers: list[dict]) -> None:
+    rows = [("ID", "STATE", "HEARTBEAT", "DEVICES", "JOBS", "TAG", "HOST")]
+    for w in workers:
+        rows.append((str(w["id"]), "live" if w["live"] else "stale", f"{w['heartbeat_age_s']:.0f} s ago",
+                     w["summary"], ",".join(map(str, w["jobs"])) or "-", w["tag"] or "-", w["host"] or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs", description="Adapter Workbench background jobs")
     parser.add_argument("--db", help="database URL (default $WORKBENCH_DB_URL or $WORKBENCH_HOME/workbench.db)")
@@ -121,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", default="train", choices=["train", "evaluate"])
     p.add_argument("--name")
     p.add_argument("--target", type=int, help="evaluate: the training job whose adapter to evaluate")
+    p.add_argument("--gpu-memory", type=at_least(0.001, float), metavar="GIB",
+                   help="only a worker whose GPUs have at least this many GiB each runs it (with model.device "
+                        "cuda or auto; train.devices says how many GPUs)")
     p = sub.add_parser("list", help="list jobs, newest first")
     p.add_argument("--status", choices=STATUSES)
     p.add_argument("--limit", type=at_least(1))
@@ -154,11 +171,35 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=text).add_argument("id", type=int)
     p = sub.add_parser("compare", help="accuracy matrix of evaluated models (Markdown or CSV)")
     p.add_argument("--csv", action="store_true")
-    p = sub.add_parser("worker", help="run queued jobs until stopped")
-    p.add_argument("--concurrency", type=at_least(1), default=1)
-    p.add_argument("--poll", type=at_least(0.01, float), default=1.0)
-    p.add_argument("--until-idle", action="store_true", help="exit when nothing is queued or running here")
+    p = sub.add_parser(
+        "worker", help="run queued jobs until stopped", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run queued jobs in child processes. Start one on each machine that shares the database "
+                    "(--db or $WORKBENCH_DB_URL: PostgreSQL for several machines) and the runs directory "
+                    "($WORKBENCH_HOME/runs, the same shared folder everywhere).",
+        epilog="A worker claims only jobs its devices can run: model.device cpu runs anywhere (train.devices N "
+               "as N CPU processes); cuda needs train.devices free GPUs (each with the job's --gpu-memory); auto "
+               "takes GPUs on a CUDA worker and the CPU on a CPU worker.\n\nexamples:\n"
+               "  python -m jobs worker --devices cuda:0,1 --concurrency 2 --tag gpu-box-a\n"
+               "  python -m jobs worker --devices cpu --tag laptop")
+    p.add_argument("--devices", default="auto", metavar="SPEC",
+                   help="what this worker offers: auto (every GPU here, else the CPU; default), cpu, cuda (every "
+                        "GPU) or cuda:0,1 (those GPUs); each job process gets one GPU of its own")
+    p.add_argument("--tag", help="the name the Jobs tab shows for this worker (default host:pid)")
+    p.add_argument("--concurrency", type=at_least(1), default=1, help="jobs run side by side (default 1)")
+    p.add_argument("--lease", type=at_least(0.1, float), default=LEASE_S, metavar="S",
+                   help=f"seconds this worker's jobs survive its silence before any other worker marks them "
+                        f"interrupted (default {LEASE_S:g}; at least twice --heartbeat)")
+    p.add_argument("--heartbeat", type=at_least(0.05, float), default=HEARTBEAT_S, metavar="S",
+                   help=f"seconds between heartbeats, on the database's clock (default {HEARTBEAT_S:g})")
+    p.add_argument("--poll", type=at_least(0.01, float), default=1.0, metavar="S",
+                   help="seconds between looks at the queue (default 1)")
+    p.add_argument("--until-idle", action="store_true",
+                   help="exit when nothing this worker could run is queued and nothing runs here")
+    p = sub.add_parser("workers", help="the workers sharing this database: devices, heartbeat, running jobs")
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "worker" and args.lease < 2 * args.heartbeat:
+        parser.error(f"--lease ({args.lease:g}) must be at least twice --heartbeat ({args.heartbeat:g})")
     if getattr(args, "target", None) is not None and args.kind != "evaluate":
         parser.error("--target is for --kind evaluate")
 
@@ -174,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli_error(str(err), USAGE)
     except KeyError as err:  # "no study 7", "no evaluation 3"
         return cli_error(str(err.args[0]) if err.args else "not found", USAGE)
-    except (InputFileError, FileNotFoundError, ValueError) as err:
+    except (InputFileError, FileNotFoundError, ValueError) as err:  # a bad --devices (DevicesError) too
         # ConfigError is a ValueError: "error: spec.json: train.learning_rate: must be > 0 (got -0.001)"
         return cli_error(str(err), USAGE)
     except (DatabaseError, WorkbenchHomeError, JobError, NotImplementedError) as err:
@@ -198,11 +239,15 @@ def run(args: argparse.Namespace) -> int:
         from core.study import StudySpec
 
         spec = read_json(args.spec, "study file", StudySpec.from_dict)
+    elif cmd == "worker":  # a bad --devices is told before the database is opened
+        devices = parse_devices(args.devices)
     service = JobService(args.db)
     if cmd == "submit":
         name = "<stdin>" if args.spec == "-" else args.spec
+        gpu_memory = round(args.gpu_memory * GiB) if args.gpu_memory is not None else None
         with settings_of(name):
-            job_id = service.submit(spec, kind=args.kind, name=args.name, target_job_id=args.target)
+            job_id = service.submit(spec, kind=args.kind, name=args.name, target_job_id=args.target,
+                                    gpu_memory=gpu_memory)
         print(f"queued {args.kind} job {job_id}", file=sys.stderr)
         print(job_id)
     elif cmd == "list":
@@ -283,7 +328,14 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "worker":
         from .worker import main as worker_main
 
-        return worker_main(service, concurrency=args.concurrency, poll_s=args.poll, until_idle=args.until_idle)
+        return worker_main(service, concurrency=args.concurrency, poll_s=args.poll, until_idle=args.until_idle,
+                           devices=devices, name=args.tag, heartbeat_s=args.heartbeat, lease_s=args.lease)
+    elif cmd == "workers":
+        workers = service.list_workers()
+        if args.json:
+            print(json.dumps(workers, indent=2))
+        else:
+            _print_workers(workers)
     return 0
 
 

@@ -1,7 +1,13 @@
 """Storage: an engine from a URL, SQLite pragmas, sessions, and versioned migrations.
 
-The database is SQLite by default (``$WORKBENCH_HOME/workbench.db``); any SQLAlchemy URL works, given as
-an argument or in ``$WORKBENCH_DB_URL``.
+The database is SQLite by default (``$WORKBENCH_HOME/workbench.db``); PostgreSQL
+(``postgresql+psycopg://user:password@host/db``, psycopg 3) is the backend for several machines on one
+queue. Either is given as an argument or in ``$WORKBENCH_DB_URL``.
+
+PostgreSQL connections come from a pool (``POOL_SIZE`` kept open, ``MAX_OVERFLOW`` more under load,
+each checked with a ping before use, so a server restart costs one retry, not an error) and give up
+connecting after ``CONNECT_TIMEOUT_S``, so an unreachable server is a one-line error, not a hang.
+Time that several machines compare (worker heartbeats, leases) is the database's clock: ``db_now()``.
 
 SQLite is used in WAL mode (readers never block the writer) with a busy timeout (a writer waits for
 another instead of failing with "database is locked"; ``$WORKBENCH_DB_TIMEOUT`` seconds, default 30).
@@ -27,11 +33,13 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.paths import DEFAULT_HOME, HOME_ENV, workbench_home  # torch-free: core loads its modules lazily
@@ -42,6 +50,9 @@ BUSY_TIMEOUT_S = 30.0
 TIMEOUT_ENV = "WORKBENCH_DB_TIMEOUT"
 URL_ENV = "WORKBENCH_DB_URL"
 DB_FILE = "workbench.db"
+POOL_SIZE = 5           # PostgreSQL connections kept open per process (a worker, the web server, a job)
+MAX_OVERFLOW = 10       # more opened under a burst, closed again after
+CONNECT_TIMEOUT_S = 10  # an unreachable server fails the call after this, instead of hanging
 
 
 class DatabaseError(RuntimeError):
@@ -111,9 +122,12 @@ def make_engine(url: str | None = None, busy_timeout_s: float | None = None) -> 
     ``busy_timeout_s`` (default ``busy_timeout()``) is how long a writer waits for another's lock.
     """
     url_obj = sa.make_url(url or default_url())
+    timeout = busy_timeout() if busy_timeout_s is None else busy_timeout_s
+    if url_obj.get_backend_name() == "postgresql":
+        return sa.create_engine(url_obj, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW, pool_pre_ping=True,
+                                pool_timeout=max(timeout, 1.0), connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
     if url_obj.get_backend_name() != "sqlite":
         return sa.create_engine(url_obj, pool_pre_ping=True)
-    timeout = busy_timeout() if busy_timeout_s is None else busy_timeout_s
     path = _sqlite_file(url_obj)
     if path is not None:
         path.expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +150,32 @@ def make_engine(url: str | None = None, busy_timeout_s: float | None = None) -> 
         conn.exec_driver_sql(f"BEGIN {mode}".strip())
 
     return engine
+
+
+class db_now(FunctionElement):
+    """The database server's current UTC time as a naive timestamp, ``offset_s`` seconds added (a number
+    or a column): one clock for every machine sharing the database, whatever their own clocks say.
+
+    ``db_now()`` in a query compiles to PostgreSQL's ``now()`` (the transaction's start) in UTC, or to
+    SQLite's ``strftime('now')`` with milliseconds, both comparable with the ``DateTime`` columns.
+    """
+
+    type = sa.DateTime()
+    inherit_cache = True
+
+    def __init__(self, offset_s: Any = 0):
+        super().__init__(sa.cast(offset_s, sa.Float) if isinstance(offset_s, sa.ColumnElement)
+                         else sa.literal(float(offset_s), sa.Float))
+
+
+@compiles(db_now, "postgresql")
+def _db_now_postgresql(element: db_now, compiler: Any, **kw: Any) -> str:
+    return f"(timezone('utc', now()) + make_interval(secs => {compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', ({compiler.process(element.clauses, **kw)}) || ' seconds')"
 
 
 _LOCKED = ("database is locked", "database table is locked")
@@ -316,12 +356,36 @@ def _m4_metric_names(conn: Connection) -> None:
     conn.exec_driver_sql("UPDATE metric_points SET type = 'step' WHERE type = 'train'")
 
 
+def _m5_workers(conn: Connection) -> None:
+    """Version 5: the workers table, and on jobs what they need to run (``device``, ``processes``,
+    ``gpu_memory``, filled in from the spec of jobs still queued) and which worker claimed them."""
+    from .launch import processes
+    from .schema import WorkerRecord
+
+    WorkerRecord.__table__.create(conn, checkfirst=True)
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    for column in (sa.Column("worker_id", sa.Integer, nullable=True),
+                   sa.Column("device", sa.String(8), nullable=False, server_default="auto"),
+                   sa.Column("processes", sa.Integer, nullable=False, server_default="1"),
+                   sa.Column("gpu_memory", sa.BigInteger, nullable=True)):
+        if column.name not in columns:
+            add_column(conn, "jobs", column)
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_jobs_worker_id ON jobs (worker_id)")
+    jobs = sa.table("jobs", sa.column("id"), sa.column("status"), sa.column("spec", sa.JSON),
+                    sa.column("device"), sa.column("processes"))
+    for job_id, spec in conn.execute(sa.select(jobs.c.id, jobs.c.spec).where(jobs.c.status == "queued")).all():
+        device = ((spec or {}).get("model") or {}).get("device")
+        conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(
+            device=device if device in ("auto", "cpu", "cuda") else "auto", processes=processes(spec)))
+
+
 # (version, description, function taking a Connection inside a transaction), in order.
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: jobs, metric_points, evaluations, eval_samples", _m1_initial),
     (2, "studies", _m2_studies),
     (3, "owners and uploads", _m3_owners),
     (4, "metric names of core.metrics", _m4_metric_names),
+    (5, "workers, and what each job needs to run", _m5_workers),
 ]
 
 
@@ -341,11 +405,23 @@ def schema_version(conn: Connection) -> int | None:
     return conn.execute(sa.select(sa.func.max(version_table.c.version))).scalar()
 
 
+SCHEMA_LOCK = 0x776F726B62656E63  # PostgreSQL advisory lock id ("workbenc") held while the schema changes
+
+
+def _lock_schema(conn: Connection) -> None:
+    """Serialise schema changes between processes: SQLite's ``BEGIN IMMEDIATE`` already holds the write
+    lock; PostgreSQL takes a transaction-level advisory lock (two workers starting on a new database
+    would otherwise both create the tables, and one would fail)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+
+
 def migrate(engine: Engine, migrations: list[Migration] | None = None, name: str | None = None) -> int:
     """Create or upgrade the schema; return the version now in the database.
 
-    Runs under the write lock on SQLite, so two processes starting on a new database at once create
-    it once. ``name`` is how ``SchemaError`` messages name the database (default: from the engine's URL).
+    Runs under the write lock (SQLite) or an advisory lock (PostgreSQL), so two processes starting on
+    a new database at once create it once. ``name`` is how ``SchemaError`` messages name the database
+    (default: from the engine's URL).
     """
     name = name or database_name(engine.url.render_as_string(hide_password=False))
     other = f"or set {URL_ENV} to another database"
@@ -354,6 +430,7 @@ def migrate(engine: Engine, migrations: list[Migration] | None = None, name: str
     options = {"sqlite_begin": "IMMEDIATE"} if engine.dialect.name == "sqlite" else {}
     with engine.connect().execution_options(**options) as conn:
         with conn.begin():
+            _lock_schema(conn)
             current = schema_version(conn)
             if current == head:
                 return head
@@ -372,6 +449,7 @@ def migrate(engine: Engine, migrations: list[Migration] | None = None, name: str
             if version <= current:
                 continue
             with conn.begin():
+                _lock_schema(conn)
                 now = schema_version(conn)
                 if now is not None and now >= version:  # another process got there first
                     continue

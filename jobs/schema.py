@@ -1,4 +1,5 @@
-"""The tables (SQLAlchemy 2 ORM): jobs, their metric points, evaluations and evaluated examples.
+"""The tables (SQLAlchemy 2 ORM): jobs, their metric points, evaluations and evaluated examples, and
+the workers that run jobs.
 
 These models are the head of the schema: a new database is created from them. Changing them means
 appending a migration to ``jobs.db.MIGRATIONS`` too, so existing databases follow.
@@ -15,6 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 KINDS = ("train", "evaluate", "export")
 LOCAL_OWNER = "local"  # the owner of every job of local mode, and of jobs made before owners existed
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+DEVICES = ("auto", "cpu", "cuda")  # a job's model.device: what it needs of a worker (jobs.devices)
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 
@@ -39,9 +41,15 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)
-    # who runs it: the child's pid and "host:pid" of the worker that claimed it
+    # who runs it: the child's pid, "host:pid" of the worker that claimed it and that worker's row
     pid: Mapped[int | None] = mapped_column(sa.Integer)
     worker: Mapped[str | None] = mapped_column(sa.String(200))
+    # WorkerRecord.id, no foreign key: rows of long-gone workers are pruned, the job keeps ``worker``
+    worker_id: Mapped[int | None] = mapped_column(sa.Integer, index=True)
+    # what it needs of a worker, from its spec at submit (a claim filters on these columns)
+    device: Mapped[str] = mapped_column(sa.String(8), default="auto", server_default="auto")
+    processes: Mapped[int] = mapped_column(sa.Integer, default=1, server_default="1")
+    gpu_memory: Mapped[int | None] = mapped_column(sa.BigInteger)  # bytes each of its GPUs must have
     exit_code: Mapped[int | None] = mapped_column(sa.Integer)
     # progress
     phase: Mapped[str | None] = mapped_column(sa.String(100))
@@ -69,6 +77,8 @@ class Job(Base):
 
     metrics: Mapped[list["MetricPoint"]] = relationship(back_populates="job", cascade="all, delete-orphan",
                                                         passive_deletes=True)
+    runner: Mapped["WorkerRecord | None"] = relationship(
+        primaryjoin="foreign(Job.worker_id) == WorkerRecord.id", viewonly=True, lazy="joined")
 
 
 class MetricPoint(Base):
@@ -159,3 +169,23 @@ class Upload(Base):
     path: Mapped[str] = mapped_column(sa.Text)           # the stored copy, uploads/<digest><suffix>
     bytes: Mapped[int] = mapped_column(sa.BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
+
+
+class WorkerRecord(Base):
+    """A worker process (``python -m jobs worker``, or the web server's own thread): where it runs, what
+    devices it offers, and its heartbeat on the database's clock. A running job whose worker's
+    heartbeat is older than that worker's ``lease_s`` is interrupted by any live worker."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tag: Mapped[str] = mapped_column(sa.String(200))   # a name the operator gave (--tag), else host:pid
+    host: Mapped[str] = mapped_column(sa.String(255))
+    pid: Mapped[int] = mapped_column(sa.Integer)
+    # jobs.devices.Devices.to_dict(): {"kind": "cpu", "cpus": 16} or {"kind": "cuda", "gpus": [...]}
+    devices: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    concurrency: Mapped[int] = mapped_column(sa.Integer, default=1)
+    lease_s: Mapped[float] = mapped_column(sa.Float)
+    started_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)     # the database's clock (jobs.db.db_now)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, index=True)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)  # a clean exit

@@ -6,11 +6,14 @@ listing jobs stays fast.
 
 A job's files live in its output directory, ``$WORKBENCH_HOME/runs/<id>/``: ``spec.json``,
 ``train.log`` (the child's stdout and stderr), ``metrics.jsonl``, ``checkpoints/step-<N>/``,
-``adapter/`` and ``exports/``.
+``adapter/`` and ``exports/``. With workers on several machines, ``runs/`` must be one shared folder
+(the same path everywhere): a job writes its files where its worker runs, the web server reads them
+where it runs, and ``FilesNotHere`` says which worker and host a job ran on when they cannot be seen.
 
 This module holds the jobs themselves (submit, read, control, the worker's side). ``JobService``
 inherits the rest of the API from one mixin per concern: ``checks`` (what a spec may ask for),
-``artifacts`` (exports), ``evaluations``, ``uploads`` (and chat limits), ``compare`` and ``studies``.
+``artifacts`` (exports), ``evaluations``, ``uploads`` (and chat limits), ``compare``, ``studies`` and
+``workers`` (the registry, claims by capability, leases).
 Who may see and do what (owner, quotas) is ``access.ServiceBase``, which they all share; the
 exceptions are in ``errors``.
 """
@@ -34,15 +37,25 @@ from .compare import ComparisonAPI
 from .errors import JobError, iso, row_id
 from .evaluations import EvaluationsAPI
 from .schema import ACTIVE, FINISHED, EvalSample, Evaluation, Job, MetricPoint, utcnow
+from .launch import processes
 from .studies import StudiesAPI
 from .uploads import UploadsAPI
+from .workers import WorkersAPI
 
 LOG_FILE = "train.log"
 MAX_LOG_LINES = 100_000
+HOST_ENV = "WORKBENCH_WORKER_HOST"
+
+
+class FilesNotHere(JobError):
+    """A job's files are not on this machine: it ran on another host and the runs directory is not shared."""
 
 
 def host_name() -> str:
-    return socket.gethostname()
+    """This machine's name as workers record it: ``$WORKBENCH_WORKER_HOST``, else the host name. Two
+    machines must not share one (containers on one host network do): a worker judges the jobs of its
+    own host by their process ids."""
+    return os.environ.get(HOST_ENV, "").strip() or socket.gethostname()
 
 
 def worker_tag(pid: int | None = None) -> str:
@@ -67,6 +80,9 @@ def job_dict(job: Job) -> dict[str, Any]:
         "best_val_loss": job.best_val_loss,
         "error": job.error, "traceback": job.traceback, "exit_code": job.exit_code,
         "pid": job.pid, "worker": job.worker,
+        "ran_on": {"worker_id": job.worker_id, "tag": job.runner.tag, "host": job.runner.host}
+        if job.runner is not None else None,
+        "needs": {"device": job.device, "processes": job.processes, "gpu_memory": job.gpu_memory},
         "out_dir": job.out_dir, "resumes_job_id": job.resumes_job_id, "resume_checkpoint": job.resume_checkpoint,
         "target_job_id": job.target_job_id, "cancel_requested": bool(job.cancel_requested),
         "study_id": job.study_id, "info": job.info, "result": job.result, "spec": job.spec, "owner": job.owner,
@@ -86,7 +102,7 @@ def checkpoint_step(path: str | Path | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, ComparisonAPI, StudiesAPI):
+class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, ComparisonAPI, StudiesAPI, WorkersAPI):
     """Jobs in one database (``url``; default ``$WORKBENCH_DB_URL`` or ``$WORKBENCH_HOME/workbench.db``).
 
     ``home`` is where job directories are made (default ``$WORKBENCH_HOME``); ``deployment`` and
@@ -99,12 +115,18 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
 
     # ------------------------------------------------------------------------------------- submit
     def submit(self, spec: Any, kind: str = "train", *, name: str | None = None,
-               target_job_id: int | None = None, study_id: int | None = None) -> int:
+               target_job_id: int | None = None, study_id: int | None = None, gpu_memory: int | None = None) -> int:
         """Validate and queue a job; return its id. Invalid: ``ConfigError`` and nothing written.
 
         ``kind="evaluate"`` runs ``spec.eval.benchmarks`` on ``spec.model`` with the adapter of
-        ``target_job_id`` (or on the bare base model when it is None).
+        ``target_job_id`` (or on the bare base model when it is None). ``gpu_memory`` (bytes): only a
+        worker whose GPUs each have that much claims it (``jobs.devices``).
         """
+        if gpu_memory is not None and (isinstance(gpu_memory, bool) or not isinstance(gpu_memory, int)
+                                       or gpu_memory <= 0):
+            from core.fields import ConfigError
+
+            raise ConfigError("gpu_memory", f"must be a positive number of bytes (got {gpu_memory!r})")
         if kind == "export":
             raise JobError("export jobs are queued with export(job_id, artifact)")
         spec = self.check_spec(spec, kind)
@@ -117,7 +139,8 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
             if target["kind"] != "train":
                 raise JobError(f"job {target_job_id} is not a training job")
         self._check_quota()
-        return self._insert(spec, kind, name=name, target_job_id=target_job_id, study_id=study_id)
+        return self._insert(spec, kind, name=name, target_job_id=target_job_id, study_id=study_id,
+                            gpu_memory=gpu_memory)
 
     def submit_evaluation(self, benchmarks: Iterable[str], job_id: int | None = None, model: str | None = None,
                           settings: Any = None, name: str | None = None) -> int:
@@ -146,12 +169,15 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
 
     def _insert(self, spec: Any, kind: str, *, name: str | None = None, resumes_job_id: int | None = None,
                 resume_checkpoint: str | None = None, target_job_id: int | None = None,
-                study_id: int | None = None, owner: str | None = None, info: dict | None = None) -> int:
+                study_id: int | None = None, owner: str | None = None, info: dict | None = None,
+                gpu_memory: int | None = None) -> int:
+        data = spec.to_dict()
         with self.db.write() as s:
             job = Job(name=(name or spec.name or f"{kind} {spec.adapter.method}")[:200], kind=kind,
-                      status="queued", spec=spec.to_dict(), resumes_job_id=resumes_job_id,
+                      status="queued", spec=data, resumes_job_id=resumes_job_id,
                       resume_checkpoint=resume_checkpoint, target_job_id=target_job_id, study_id=study_id,
-                      step=0, cancel_requested=False, owner=owner or self.owner, info=info)
+                      step=0, cancel_requested=False, owner=owner or self.owner, info=info,
+                      device=spec.model.device, processes=processes(data), gpu_memory=gpu_memory)
             s.add(job)
             s.flush()
             out = self.runs_dir / str(job.id)
@@ -163,7 +189,13 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
     # ---------------------------------------------------------------------------------------- read
     def get(self, job_id: int) -> dict[str, Any]:
         with self.db.read() as s:
-            return job_dict(self._job(s, job_id))
+            return self._shown(job_dict(self._job(s, job_id)))
+
+    def _shown(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The job as this actor may see it: a public visitor does not learn hosts or processes."""
+        if not self.may_see_workers:
+            job.update(pid=None, worker=None, ran_on=None)
+        return job
 
     def list_jobs(self, status: str | Iterable[str] | None = None, kind: str | None = None,
                   limit: int | None = None, study_id: int | None = None) -> list[dict[str, Any]]:
@@ -178,7 +210,7 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
         if limit:
             q = q.limit(limit)
         with self.db.read() as s:
-            return [job_dict(j) for j in s.scalars(q)]
+            return [self._shown(job_dict(j)) for j in s.scalars(q)]
 
     def metrics(self, job_id: int, since_step: int | None = None, history: bool = False) -> list[dict[str, Any]]:
         """Metric points of a job ordered by step (training point before validation at a step).
@@ -221,14 +253,32 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
         return self.output_dir(job_id) / LOG_FILE
 
     def logs(self, job_id: int, tail_lines: int | None = 200) -> str:
-        """The end of the job's log (its child's stdout and stderr); '' before it starts."""
+        """The end of the job's log (its child's stdout and stderr); '' before it starts.
+        ``FilesNotHere`` when it ran on another host and its files cannot be seen from here."""
         path = self.log_path(job_id)
         if not path.is_file():
+            self.check_files_here(job_id)
             return ""
         with open(path, encoding="utf-8", errors="replace") as f:
             if not tail_lines:
                 return f.read()
             return "".join(deque(f, maxlen=max(1, min(int(tail_lines), MAX_LOG_LINES))))
+
+    def check_files_here(self, job_id: int) -> None:
+        """``FilesNotHere`` naming the worker and its host (to those who may see them), when the job ran
+        on another host and its output directory is missing here: the runs directory is not shared."""
+        with self.db.read() as s:
+            job = self._job(s, job_id)
+            runner = job.runner
+            if not job.started_at or not job.out_dir or runner is None or runner.host == host_name() \
+                    or Path(job.out_dir).exists():
+                return
+            if not self.may_see_workers:
+                raise FilesNotHere(f"job {job.id} ran on another machine whose files this server cannot see "
+                                   "(its runs directory is not shared)")
+            raise FilesNotHere(f"job {job.id} ran on worker {runner.tag} on host {runner.host}, and its files "
+                               f"({job.out_dir}) are not on this machine: the runs directory ({self.runs_dir}) must "
+                               "be one folder shared by every worker and the web server (README: Scaling out)")
 
     def files(self, job_id: int) -> dict[str, Any]:
         """Where a job's files are: output dir, adapter (None until saved), log, metrics, checkpoints."""
@@ -279,13 +329,15 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
         spec = JobSpec.from_dict(job["spec"])
         self._check_quota(owner=job["owner"])
         return self._insert(spec, "train", name=job["name"], resumes_job_id=job["id"],
-                            resume_checkpoint=str(checkpoint), study_id=job["study_id"], owner=job["owner"])
+                            resume_checkpoint=str(checkpoint), study_id=job["study_id"], owner=job["owner"],
+                            gpu_memory=job["needs"]["gpu_memory"])
 
     def resume_point(self, job_id: int) -> Path | None:
         """The checkpoint ``resume`` would continue from: the job's latest, else the one it started from."""
         from core.train import latest_checkpoint
 
         job = self.get(job_id)
+        self.check_files_here(job_id)
         found = latest_checkpoint(job["out_dir"]) if job["out_dir"] else None
         if found is None and job["resume_checkpoint"] and (Path(job["resume_checkpoint"]) / "state.pt").is_file():
             found = Path(job["resume_checkpoint"])
@@ -319,13 +371,15 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
                 shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------------------ worker's side
-    def claim(self, job_id: int, worker: str | None = None) -> bool:
-        """Atomically move a queued job to running for ``worker``; False if someone else got it."""
+    def claim(self, job_id: int, worker: str | None = None, worker_id: int | None = None) -> bool:
+        """Atomically move a queued job to running for ``worker`` (registered as ``worker_id``); False if
+        someone else got it. A worker claims with ``claim_next``, which also matches its devices."""
         self._require_system("claiming a job")
         with self.db.write() as s:
             res = s.execute(sa.update(Job).where(Job.id == int(job_id), Job.status == "queued")
                             .values(status="running", started_at=utcnow(), heartbeat_at=utcnow(),
-                                    worker=worker or worker_tag(), phase="starting", pid=None, exit_code=None))
+                                    worker=worker or worker_tag(), worker_id=worker_id, phase="starting", pid=None,
+                                    exit_code=None))
             return res.rowcount == 1
 
     def queued_ids(self, limit: int = 10) -> list[int]:

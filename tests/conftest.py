@@ -39,6 +39,16 @@ def service(tmp_path):
     svc.close()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database per test, once on SQLite and once on PostgreSQL (the server of
+    ``$WORKBENCH_TEST_DB_URL``; those cases skip, saying so, when it is unset)."""
+    from tests.test_jobs_support import fresh_database
+
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
 @pytest.fixture
 def data(tmp_path) -> Path:
     """A small arithmetic training file (24 rows)."""

@@ -1,14 +1,23 @@
-"""Helpers of the jobs tests (no tests here): a tiny job spec, a service on a temporary database, waiting, CLI."""
+"""Helpers of the jobs tests (no tests here): a tiny job spec, a service on a temporary database (SQLite,
+or a fresh PostgreSQL database on the server of ``$WORKBENCH_TEST_DB_URL``), waiting, CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import uuid
 from pathlib import Path
+from typing import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from core import AdapterConfig, JobSpec
 from jobs import JobService
@@ -40,8 +49,56 @@ def tiny_spec(model_dir, data_path, dropout: float = 0.05, **train) -> JobSpec:
     return spec
 
 
-def make_service(tmp: Path) -> JobService:
-    return JobService(f"sqlite:///{tmp / 'jobs.db'}", home=tmp / "home")
+TEST_DB_ENV = "WORKBENCH_TEST_DB_URL"  # a PostgreSQL server the tests may create databases on (.ci/postgres.sh)
+
+
+def make_service(tmp: Path, url: str | None = None) -> JobService:
+    """A service on ``url`` (default a SQLite file in ``tmp``) with its home in ``tmp/home``."""
+    return JobService(url or f"sqlite:///{tmp / 'jobs.db'}", home=tmp / "home")
+
+
+@contextlib.contextmanager
+def fresh_database(backend: str, tmp: Path) -> Iterator[str]:
+    """The URL of an empty database for one test: a SQLite file in ``tmp``, or a new database on the
+    PostgreSQL server of ``$WORKBENCH_TEST_DB_URL``, dropped afterwards (skipped when that is unset)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp / 'jobs.db'}"
+        return
+    server = os.environ.get(TEST_DB_ENV, "").strip()
+    if not server:
+        pytest.skip(f"{TEST_DB_ENV} is not set: no PostgreSQL server to test on (`.ci/postgres.sh start` makes one)")
+    name = f"wb_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+# A job's child as the tests see it write: one metric point and the progress per transaction (the worst
+# case), paced at RATE points a second; prints "wrote N in S".
+METRIC_WRITER = textwrap.dedent("""
+    import sys, time
+    from jobs import JobService
+    from jobs.run import Recorder
+    service = JobService()
+    job_id, n, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    rec = Recorder(service, job_id)
+    start = time.monotonic()
+    for i in range(1, n + 1):
+        rec.add(type="step", step=i, loss=1.0 / i, lr=1e-3)
+        rec.update(step=i)
+        rec.flush()
+        rec.cancel_requested()
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    print("wrote", n, "in", round(time.monotonic() - start, 3))
+""")
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
