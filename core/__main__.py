@@ -7,6 +7,10 @@
 ``train --out DIR`` refuses a folder that already holds files, unless ``--resume CHECKPOINT`` continues
 a run there or ``--force`` starts over (replacing a previous run's outputs, nothing else).
 
+Several processes (``train.devices`` = N, strategy ``ddp``): the same command under PyTorch's launcher,
+``python -m torch.distributed.run --standalone --nproc-per-node N -m core train --config spec.json
+--out DIR``; rank 0 checks and writes the folder and prints, the other ranks only train.
+
 Errors print one line, ``error: ...``, on stderr, never a traceback (``WORKBENCH_DEBUG=1`` adds it):
 exit status 2 when what was asked is wrong (arguments, the spec file, a folder), 1 when it could not be
 done. Arguments are checked before torch is imported, so a mistake is reported at once.
@@ -15,6 +19,7 @@ done. Arguments are checked before torch is imported, so a mistake is reported a
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -169,13 +174,17 @@ def run(args: argparse.Namespace, bar: ProgressBar) -> int:
     if args.command == "train":
         spec = _spec_from_args(args)
         out = Path(args.out).expanduser() if args.out else runs_dir() / f"cli-{time.strftime('%Y%m%d-%H%M%S')}"
-        check_out_dir(out, args.out or str(out), args.resume, args.force)
-        out.mkdir(parents=True, exist_ok=True)
+        main_rank = os.environ.get("RANK", "0") == "0"  # torchrun's; read here, before torch is imported
+        if main_rank:
+            check_out_dir(out, args.out or str(out), args.resume, args.force)
+            out.mkdir(parents=True, exist_ok=True)
         from .sources import allow_remote_code_here
         from .train import train  # torch: only once the arguments are known to be good
 
         allow_remote_code_here()  # a foreground run is a job: a model's own code may run if the server and spec ask
         result = train(spec, out, bar, resume_from=args.resume)
+        if not main_rank:
+            return 0
         loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
         bar.end_line()
         print(f"{result.status}: {result.steps} steps in {result.elapsed_s:.0f}s, final loss "

@@ -299,16 +299,24 @@ class TrainSettings(Settings):
     strategy: str = setting("single", "single = one process; ddp = torchrun starts `devices` processes, each "
                                       "on its share of every batch, adapter gradients all-reduced",
                             choices=("single", "ddp"))
+    rank_timeout_s: int = setting(300, "with several processes: seconds one waits for the others (to start, at "
+                                       "each step) before the run fails, so a dead or stuck process cannot "
+                                       "hang the rest", min=1, max=86400, integer=True)
 
     def check(self) -> None:
         if self.devices > 1 and self.strategy != "ddp":
             raise ConfigError("devices", f"{self.devices} processes need strategy ddp (got {self.strategy})")
         if self.learning_rate <= 0:
             raise ConfigError("learning_rate", f"must be > 0 (got {self.learning_rate})")
-        if self.micro_batch_size > self.batch_size:
-            raise ConfigError("micro_batch_size", f"must be <= batch_size ({self.micro_batch_size} > {self.batch_size})")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError("micro_batch_size", f"must divide batch_size ({self.batch_size} % {self.micro_batch_size} != 0)")
+        if self.batch_size % self.devices:
+            raise ConfigError("batch_size", f"must be a multiple of devices: each of the {self.devices} processes "
+                                            f"takes an equal share of a step's {self.batch_size} examples")
+        share = self.batch_size // self.devices  # examples per process and step
+        what = "batch_size" if self.devices == 1 else f"batch_size / devices = {share}, each process's share"
+        if self.micro_batch_size > share:
+            raise ConfigError("micro_batch_size", f"must be <= {what} ({self.micro_batch_size} > {share})")
+        if share % self.micro_batch_size:
+            raise ConfigError("micro_batch_size", f"must divide {what} ({share} % {self.micro_batch_size} != 0)")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("epochs", "set epochs > 0 or max_steps > 0")
 

@@ -5,7 +5,7 @@ format). Tokenised examples carry ``labels`` with ``-100`` on the prompt tokens 
 ``train_on_inputs``), so only the response is learned.
 
 Public API: ``load_records``, ``split_records``, ``tokenize_records`` (-> ``TokenizedData`` of
-``Example``), ``length_stats``, ``preview_rows``, ``collate``, ``prompt_lengths``; errors are
+``Example``), ``length_stats``, ``preview_rows``, ``collate``, ``prompt_lengths``, ``shard``; errors are
 ``DataError`` (a ``ConfigError`` on ``data.source``) whose message names the file and, for a bad row,
 its 1-based number.
 """
@@ -371,6 +371,16 @@ def preview_rows(records: list[dict], tokenizer: Any, template: str = "alpaca", 
 def prompt_lengths(examples: list[Example]) -> torch.Tensor:
     """Each row's number of prompt tokens (the tokens before the response), for ``core.inject.prompt_lengths``."""
     return torch.tensor([e.num_prompt_tokens for e in examples], dtype=torch.long)
+
+
+def shard(examples: list[Example], rank: int, world: int) -> list[Example]:
+    """Rank ``rank``'s share of a batch split across ``world`` processes: every ``world``-th example.
+
+    Given a batch sorted by length, each rank gets rows of every length, still sorted: the same work
+    and little padding on every rank, where cutting the batch into contiguous runs would give the last
+    rank all the longest rows. One process: the batch itself.
+    """
+    return examples if world == 1 else examples[rank::world]
 
 
 def collate(examples: list[Example], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:

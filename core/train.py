@@ -21,8 +21,21 @@ trains through the plain Hugging Face forward and autograd instead, what tests c
 - page faults and resident memory (``memory``, on a CPU; process-level): freed activations stay in the
   process's heap for reuse, and oneDNN's cache of matmul kernels is kept to 64 entries (``host_memory``).
 
+On CUDA the weights are bf16 (``precision`` auto), attention is PyTorch's SDPA, and the speed paths of
+``CPU_ONLY`` are off: they were measured on CPUs only (``head_loss`` stays: it never forms the full
+logits tensor, a memory saving on any device). A bench passing ``parts`` explicitly gets what it asks.
+
 The loss of an optimiser step is the mean over every labelled token of the whole batch, however it is
 cut into micro-batches, so gradient accumulation does not change the maths.
+
+Several processes (``train.devices`` > 1, under torchrun; ``core.distributed``): every rank plans the
+same global batch (``plan_epoch`` with ``batch_size``, as one process does), sorts it by length and
+takes every N-th example (``data.shard``); each rank's loss is divided by the labelled tokens of the
+whole global batch, which every rank counts from the same plan, and the adapter's gradients are summed
+over the ranks after the accumulation. So N ranks compute the loss, gradient and update of one process.
+Validation is split the same way. Rank 0 alone reports (callbacks, ``metrics.jsonl``) and writes the
+spec, checkpoints and adapter, and decides each step whether to stop; a checkpoint holds what one
+process would save, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
-from . import fast_attention, fast_norm, host_memory
+from . import distributed, fast_attention, fast_norm, host_memory
 from .adapters.base import FastDropout, MaskShare
 from .arch import arch_for, get_backbone
 from .callbacks import CallbackList, EvalReport, MetricsFile, StepReport, TrainCallbacks
@@ -77,6 +90,8 @@ KERNELS: dict[str, frozenset[str]] = {
     "fast": frozenset({"memory", "attention", "norm", "head_loss", "lora_function", "dropout"}),
     "reference": frozenset(),
 }
+# The parts measured faster on CPUs only: off on CUDA (see the module docstring) unless a bench asks.
+CPU_ONLY = frozenset({"memory", "attention", "norm", "lora_function", "dropout"})
 
 
 def install_kernels(model: nn.Module, parts: frozenset[str] | set[str], device: torch.device) -> None:
@@ -85,8 +100,14 @@ def install_kernels(model: nn.Module, parts: frozenset[str] | set[str], device: 
     With none, the model computes as plain Hugging Face + autograd would: its own attention and norms
     and, for every adapter, an independent ``nn.Dropout`` per module. Call on a freshly loaded model:
     patched norms and attention are not put back. (``head_loss`` is ``Trainer.batch_loss``'s choice,
-    ``memory`` the process's, made before the model loads.)
+    ``memory`` the process's, made before the model loads.) On CUDA attention is always PyTorch's SDPA
+    (for a model that has it).
     """
+    if device.type == "cuda" and getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        try:
+            model.set_attn_implementation("sdpa")
+        except (ValueError, AttributeError):  # a model (its own code) without an SDPA attention
+            pass
     if "attention" in parts and device.type == "cpu" and hasattr(model, "set_attn_implementation"):
         # Measured on SmolLM2 with ~130-token rows: eager attention trains 16% faster than SDPA on CPU,
         # and the grouped eager attention of ``fast_attention`` faster still.
@@ -155,6 +176,8 @@ class Trainer:
         self.cb = CallbackList([MetricsFile(self.out_dir / "metrics.jsonl"), callbacks or TrainCallbacks()])
         self.t = spec.train
         self.parts = frozenset(KERNELS[self.t.kernels] if parts is None else parts)
+        self.parts_given = parts is not None
+        self.ranks = distributed.Ranks()  # one process until setup joins the others
         if self.parts - KERNELS["fast"]:
             raise ValueError(f"unknown kernel parts {sorted(self.parts - KERNELS['fast'])}")
 
@@ -165,7 +188,15 @@ class Trainer:
         Everything that can be wrong with the data or the settings fails here, before any step.
         """
         spec, t = self.spec, self.t
-        self.device = resolve_device(spec.model.device)
+        if distributed.world_size() != t.devices:
+            raise ConfigError("train.devices", _world_mismatch(t.devices, distributed.world_size()))
+        device = resolve_device(spec.model.device)
+        self.ranks = distributed.join(device, t.rank_timeout_s)
+        self.device = self.ranks.device(device)
+        if not self.ranks.main:
+            self.cb = CallbackList([])  # rank 0 reports for all
+        if self.device.type == "cuda" and not self.parts_given:
+            self.parts -= CPU_ONLY
         if self.device.type == "cpu" and "memory" in self.parts:
             host_memory.retain_freed_memory()
             host_memory.limit_onednn_cache()
@@ -200,9 +231,11 @@ class Trainer:
         self.elapsed_before = 0.0
         if resume_from is not None:
             self._restore(Path(resume_from))  # builds the adapter modules anew
+        self.ranks.broadcast_params(self.params)
         install_kernels(self.model, self.parts, self.device)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "spec.json").write_text(spec.to_json())
+        if self.ranks.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "spec.json").write_text(spec.to_json())
         self.report = trainable_report(self.model)
 
     def _build_optimizer(self) -> None:
@@ -272,12 +305,14 @@ class Trainer:
             return None
         self.model.eval()
         examples = sorted(self.val_data.examples, key=lambda e: len(e.input_ids))
+        mine = data_mod.shard(examples, self.ranks.rank, self.ranks.world)
         total, count = 0.0, 0
-        for part in pack_micro_batches(examples, self.t.micro_batch_size * self.spec.data.cutoff_len):
+        for part in pack_micro_batches(mine, self.t.micro_batch_size * self.spec.data.cutoff_len):
             loss, n = self.batch_loss(data_mod.collate(part, self.pad_id), data_mod.prompt_lengths(part))
             total += loss.item()
             count += n
         self.model.train()
+        total, count = self.ranks.sum([total, count])
         return total / max(count, 1)
 
     # --------------------------------------------------------------------------------------- train
@@ -297,20 +332,23 @@ class Trainer:
                           "train_examples": len(self.lengths),
                           "val_examples": len(self.val_data.examples) if self.val_data else 0,
                           "truncated": self.train_data.num_truncated, "dtype": str(self.dtype),
-                          "device": str(self.device)})
+                          "device": str(self.device), "processes": self.ranks.world})
         self.model.train()
         status = "completed"
         tokens_window, time_window = 0, 0.0
         batches = self._batches()
         while self.step < self.total_steps:
-            if self.cb.should_stop():
+            if self.ranks.agree(self.cb.should_stop()):
                 status = "stopped"
                 break
+            self.ranks.seed_step(t.seed, self.step)
             step_start = time.perf_counter()
             indices = next(batches)
             examples = sorted((self.train_data.examples[i] for i in indices), key=lambda e: len(e.input_ids))
-            micro = pack_micro_batches(examples, t.micro_batch_size * self.spec.data.cutoff_len)
+            # the whole global batch's count, the same on every rank: the loss is its mean over all ranks
             label_total = sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
+            mine = data_mod.shard(examples, self.ranks.rank, self.ranks.world)
+            micro = pack_micro_batches(mine, t.micro_batch_size * self.spec.data.cutoff_len)
             step_loss, step_tokens = 0.0, 0
             for part in micro:
                 batch = data_mod.collate(part, self.pad_id)
@@ -318,6 +356,8 @@ class Trainer:
                 (loss / max(label_total, 1)).backward()
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
+            self.ranks.sync_gradients(self.params)  # these two: nothing with one process
+            step_loss, step_tokens = self.ranks.sum([step_loss, step_tokens])
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")).item()
             lr = t.learning_rate * self._lr_factor(self.scheduler.last_epoch)  # groups may scale it
@@ -346,15 +386,16 @@ class Trainer:
             last = self.step == self.total_steps
             if (t.eval_every and self.step % t.eval_every == 0) or last:
                 self._evaluate_now()
-            if (t.save_every and self.step % t.save_every == 0 and not last):
+            if t.save_every and self.step % t.save_every == 0 and not last and self.ranks.main:
                 self._checkpoint(elapsed)
         elapsed = self.elapsed_before + time.perf_counter() - start
-        if status == "stopped":
-            self._checkpoint(elapsed)
         adapter_dir = self.out_dir / "adapter"
-        save_adapter(self.model, adapter_dir, extra={"training": {
-            "status": status, "steps": self.step, "total_steps": self.total_steps,
-            "final_loss": self.last_loss, "best_val_loss": self.best_val, "spec": self.spec.to_dict()}})
+        if self.ranks.main:
+            if status == "stopped":
+                self._checkpoint(elapsed)
+            save_adapter(self.model, adapter_dir, extra={"training": {
+                "status": status, "steps": self.step, "total_steps": self.total_steps,
+                "final_loss": self.last_loss, "best_val_loss": self.best_val, "spec": self.spec.to_dict()}})
         self.model.eval()
         return TrainResult(status=status, steps=self.step, total_steps=self.total_steps,
                            final_loss=self.last_loss, best_val_loss=self.best_val, adapter_dir=adapter_dir,
@@ -382,6 +423,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng_torch": torch.get_rng_state(), "rng_python": random.getstate(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "best_val": self.best_val, "last_loss": self.last_loss, "elapsed": elapsed,
             "spec": self.spec.to_dict(),
         }, tmp / "state.pt")
@@ -408,12 +450,22 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
+        if state.get("rng_cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_val, self.last_loss, self.elapsed_before = state["best_val"], state["last_loss"], state["elapsed"]
 
     def cleanup(self) -> None:
         self.model = None
         self.optimizer = None
+        self.ranks.leave()
+
+
+def _world_mismatch(devices: int, world: int) -> str:
+    if world == 1:
+        return (f"is {devices}, but this is one process: start it under torchrun (python -m torch.distributed.run "
+                f"--standalone --nproc-per-node {devices} -m core train ...), or set train.devices to 1")
+    return f"is {devices}, but torchrun started {world} processes: set train.devices to {world}"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -426,8 +478,8 @@ def train(spec: JobSpec, out_dir: str | Path, callbacks: TrainCallbacks | None =
           resume_from: str | Path | None = None) -> TrainResult:
     """Fine-tune the adapter ``spec`` describes; write spec, metrics, checkpoints and adapter to ``out_dir``."""
     trainer = Trainer(spec, out_dir, callbacks)
-    trainer.setup(resume_from)
     try:
+        trainer.setup(resume_from)
         return trainer.train()
     finally:
         trainer.cleanup()

@@ -4,7 +4,9 @@ One process: ``python -m jobs.run <id>``. With ``train.devices = N > 1`` (strate
 ``python -m torch.distributed.run --standalone --nproc-per-node N -m jobs.run <id>``, PyTorch's own
 launcher (``torchrun``), which gives each rank its ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` and ends the
 whole group when one rank fails. ``is_job_process`` in ``jobs.worker`` recognises both forms by their
-``jobs.run <id>`` arguments.
+``jobs.run <id>`` arguments. torchrun starts each rank in a session of its own: a signal for the job
+goes to torchrun (the pid the worker started and the job records), which passes SIGTERM/SIGINT on to
+every rank; ``jobs.run`` says how the ranks then stop together.
 """
 
 from __future__ import annotations

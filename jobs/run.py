@@ -18,6 +18,14 @@ adapter saved) at ``max_steps`` or after ``max_wall_s``. This process is the onl
 model's own Python code may run (``core.sources.allow_remote_code_here``), and only where the server
 and the spec both ask for it.
 
+Under torchrun (``train.devices`` > 1, ``jobs.launch``) every rank runs this module: rank 0 claims the
+job, checks that it may start and tells the others (``Ranks.agree``), then runs it as one process does,
+alone writing progress, metrics, files and the final status. The other ranks train silently
+(``_follow``); a cancel or signal reaches them through rank 0's stop decision at each step (torchrun
+passes a SIGTERM on to every rank, and rank 0 stops once torchrun itself is gone). A rank that fails
+records why, since no other can: the first final status written wins (``only_if``), so a killed rank
+ends the job ``failed`` with that rank named by the rank that lost it (``core.distributed.RankFailure``).
+
 Any exception ends the job ``failed`` with its message and the end of its traceback, after the
 buffered points are written. Two environment variables exist for tests and demos:
 ``WORKBENCH_TEST_STEP_DELAY`` (seconds to sleep after each step) and ``WORKBENCH_TEST_FAIL_AT_STEP``
@@ -33,7 +41,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -45,6 +53,9 @@ from core.metrics import eval_record, finite, step_record
 
 from .schema import Job, MetricPoint, utcnow
 from .service import JobService, worker_tag
+
+if TYPE_CHECKING:
+    from core.distributed import Ranks
 
 FLUSH_EVERY_S = 1.0
 FLUSH_POINTS = 50
@@ -61,11 +72,19 @@ class Cancelled(Exception):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT: the run stops cleanly at the next step."""
+    """Set by SIGTERM/SIGINT, or once ``launcher`` (torchrun's pid) is gone: the run stops cleanly at the next
+    step. ``signal`` names the cause."""
 
-    def __init__(self) -> None:
+    def __init__(self, launcher: int | None = None) -> None:
         self.signal: str | None = None
+        self.launcher = launcher
         self._previous: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        if self.signal is None and self.launcher is not None and os.getppid() != self.launcher:
+            # torchrun killed (kill -9): its ranks live in sessions of their own and would train on, orphaned
+            self.signal = f"the end of torchrun (pid {self.launcher})"
+        return self.signal is not None
 
     def install(self) -> None:
         def handler(signum, _frame):  # noqa: ANN001
@@ -192,7 +211,7 @@ def _train_callbacks(rec: Recorder, stop: StopFlag, budget: Budget):
             print(f"== checkpoint {path}", flush=True)
 
         def should_stop(self) -> bool:
-            return stop.signal is not None or rec.cancel_requested() or budget.spent(self.step, self.total)
+            return stop.requested() or rec.cancel_requested() or budget.spent(self.step, self.total)
 
     return JobCallbacks()
 
@@ -284,7 +303,7 @@ def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Rec
     loaded.model.eval()
 
     def should_stop() -> bool:
-        return stop.signal is not None or rec.cancel_requested()
+        return stop.requested() or rec.cancel_requested()
 
     ids = []
     names = list(spec.eval.benchmarks)
@@ -301,7 +320,7 @@ def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Rec
             rec.update(step=int(done), total_steps=int(total) if total else None, eta_s=eta)
             if rec.due():
                 rec.flush()
-            if stop.signal is not None or rec.cancel_requested() or budget.spent():
+            if stop.requested() or rec.cancel_requested() or budget.spent():
                 raise Cancelled()
 
         res = core.evaluate(loaded.model, loaded.tokenizer, core.load_benchmark(name), spec.eval, progress=progress,
@@ -333,23 +352,50 @@ def check_disk(service: JobService) -> None:
 
 
 def run_job(service: JobService, job_id: int) -> int:
-    """Run job ``job_id`` to a final status; return the process exit code (0 = the job ended as planned)."""
+    """Run job ``job_id`` to a final status; return the process exit code (0 = the job ended as planned).
+
+    Under torchrun this is every rank's body: rank 0 leads (``_lead``), the others follow (``_follow``).
+    """
+    from core import distributed
+    from core.devices import resolve_device
+
+    ranks = distributed.Ranks()
+    if distributed.world_size() > 1:
+        spec = JobSpec.from_dict(service.get(job_id)["spec"])
+        ranks = distributed.join(resolve_device(spec.model.device), spec.train.rank_timeout_s)
+    try:
+        return _lead(service, job_id, ranks) if ranks.main else _follow(service, job_id, ranks)
+    finally:
+        ranks.leave()
+
+
+def _lead(service: JobService, job_id: int, ranks: Ranks) -> int:
+    """The job run by one process, or by rank 0 of several: claim, start, record, finish.
+
+    The other ranks hear once whether the job starts: yes just before its runner, no on any way out
+    before that (``started``).
+    """
     job = service.get(job_id)
     if job["status"] == "queued":
         if not service.claim(job_id, worker_tag()):
             print(f"job {job_id} was taken by another worker", file=sys.stderr)
+            ranks.agree(False)
             return 1
     elif job["status"] != "running":
         print(f"job {job_id} is {job['status']}: nothing to run", file=sys.stderr)
+        ranks.agree(False)
         return 1
-    service.set_pid(job_id, os.getpid())
+    pid = os.getpid() if ranks.world == 1 else os.getppid()  # torchrun's: what the worker started and signals
+    service.set_pid(job_id, pid)
     job = service.get(job_id)
-    print(f"== job {job_id} ({job['kind']}) '{job['name']}' run by worker {job['worker']} in pid {os.getpid()} "
+    where = f"pid {pid}" if ranks.world == 1 else f"pid {os.getpid()}, rank 0 of {ranks.world} under torchrun pid {pid}"
+    print(f"== job {job_id} ({job['kind']}) '{job['name']}' run by worker {job['worker']} in {where} "
           f"at {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
-    stop = StopFlag()
+    stop = StopFlag(launcher=pid if ranks.world > 1 else None)
     stop.install()
     rec = Recorder(service, job_id)
     budget = Budget(job["owner"])
+    started = False
     try:
         check_disk(service)
         if rec.cancel_requested():
@@ -359,6 +405,8 @@ def run_job(service: JobService, job_id: int) -> int:
         runner = RUNNERS.get(job["kind"])
         if runner is None:
             raise ValueError(f"unknown job kind {job['kind']!r}")
+        started = True
+        ranks.agree(True)
         status, values = runner(service, job, rec, stop, budget)
         values.setdefault("error", None)
         rec.flush()
@@ -383,6 +431,41 @@ def run_job(service: JobService, job_id: int) -> int:
         service.finish(job_id, "failed", only_if=MINE, phase=None, error=message[:2000],
                        traceback=tb[-TRACEBACK_CHARS:])
         print(f"== job {job_id} failed: {message}", flush=True)
+        return 1
+    finally:
+        stop.restore()
+        if not started:
+            ranks.agree(False)
+
+
+def _follow(service: JobService, job_id: int, ranks: Ranks) -> int:
+    """A rank after the first: once rank 0 says the job starts, train its share, writing nothing.
+
+    Other kinds of job run on rank 0 alone. A failure here is recorded as this rank's (the first final
+    status written wins: when rank 0 saw it first, its account stands).
+    """
+    if not ranks.agree(False):  # the value is rank 0's
+        return 0
+    job = service.get(job_id)
+    if job["kind"] != "train":
+        return 0
+    from core.distributed import RankFailure
+    from core.train import train
+
+    stop = StopFlag()
+    stop.install()  # a SIGTERM ends the run through rank 0's stop decision, not by ending this process
+    try:
+        train(JobSpec.from_dict(job["spec"]), job["out_dir"], resume_from=job["resume_checkpoint"])
+        return 0
+    except BaseException as err:  # noqa: BLE001 - the job must learn why this rank ended
+        tb = traceback.format_exc()
+        sys.stderr.write(tb)
+        sys.stderr.flush()
+        message = f"{type(err).__name__}: {err}"  # a RankFailure names the ranks itself
+        if not isinstance(err, RankFailure):
+            message = f"rank {ranks.rank} failed: {message}"
+        service.finish(job_id, "failed", only_if=MINE, phase=None, error=message.strip()[:2000],
+                       traceback=tb[-TRACEBACK_CHARS:])
         return 1
     finally:
         stop.restore()

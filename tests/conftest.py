@@ -59,3 +59,4 @@ def data(tmp_path) -> Path:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: takes tens of seconds (child processes, real training); CI runs it")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (two for multi-GPU tests); skipped without one")

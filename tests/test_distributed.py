@@ -1,0 +1,248 @@
+"""Several training processes (torchrun; gloo on CPU, NCCL on CUDA) compute what one process computes.
+
+Two CPU ranks on the tiny checkpoint, fp32 and no dropout: the same losses as one process with the
+same global batch; a checkpoint moves from 2 processes to 1 and back; a cancel stops both ranks; a
+killed rank fails the job, named, while the other ends at once instead of waiting for the timeout.
+The tests marked ``cuda`` run where there is a GPU (two for DDP) and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import ConfigError
+from core.data import shard
+from core.distributed import Ranks
+from core.train import CPU_ONLY, Trainer, latest_checkpoint, train
+from jobs.launch import child_command
+from tests.test_jobs_support import REPO, child_env, tiny_spec, wait_for, write_data
+from tests.test_train import Recorder
+
+RANK_TIMEOUT_S = 30  # train.rank_timeout_s here: a hang would show as a test slower than this
+
+
+def spec_for(tiny_model_dir, data, devices: int = 1, **train_settings):
+    """The tiny LoRA run without dropout, 6 steps of 4 examples (2 per rank on 2), a checkpoint at 3."""
+    settings = dict(max_steps=6, eval_every=3, save_every=3, devices=devices,
+                    strategy="ddp" if devices > 1 else "single", rank_timeout_s=RANK_TIMEOUT_S)
+    return tiny_spec(tiny_model_dir, data, dropout=0.0, **{**settings, **train_settings})
+
+
+def torchrun_train(spec, out: Path, *args: str, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """``python -m core train`` on ``nproc`` processes, one thread each; fails the test on a non-zero exit."""
+    config = out.parent / f"{out.name}-spec.json"
+    config.write_text(spec.to_json())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "core", "train", "--config", str(config), "--out", str(out), *args]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def logged(out: Path, kind: str = "step", key: str = "loss") -> dict[int, float]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in lines if r["type"] == kind}
+
+
+def one_process(tiny_model_dir, data, out: Path, **kw) -> Recorder:
+    rec = Recorder()
+    train(spec_for(tiny_model_dir, data), out, rec, **kw)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------------
+# Without launching anything
+
+def test_one_process_ranks_pass_values_through_and_shard_is_every_nth():
+    ranks = Ranks()
+    assert ranks.main and ranks.agree(True) and not ranks.agree(False)
+    assert ranks.sum([1.5, 3]) == [1.5, 3]
+    rows = list(range(7))
+    assert shard(rows, 0, 1) is rows
+    assert shard(rows, 0, 2) == [0, 2, 4, 6] and shard(rows, 1, 2) == [1, 3, 5]
+    assert sorted(shard(rows, 0, 3) + shard(rows, 1, 3) + shard(rows, 2, 3)) == rows
+
+
+@pytest.mark.parametrize("change,field,words", [
+    ({"devices": 3, "strategy": "ddp"}, "train.batch_size", "multiple of devices"),
+    ({"devices": 2, "strategy": "ddp", "micro_batch_size": 4}, "train.micro_batch_size", "each process's share"),
+    ({"devices": 2, "strategy": "ddp", "batch_size": 6, "micro_batch_size": 2},
+     "train.micro_batch_size", "must divide batch_size / devices = 3"),
+    ({"devices": 2}, "train.devices", "strategy ddp"),
+])
+def test_the_global_batch_must_split_evenly_across_processes(tiny_model_dir, tmp_path, change, field, words):
+    with pytest.raises(ConfigError) as err:
+        Trainer(tiny_spec(tiny_model_dir, write_data(tmp_path / "d.json"), **change), tmp_path / "out")
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_several_devices_in_one_process_say_how_to_start_them(tiny_model_dir, tmp_path):
+    trainer = Trainer(spec_for(tiny_model_dir, write_data(tmp_path / "d.json"), devices=2), tmp_path / "out")
+    with pytest.raises(ConfigError) as err:
+        trainer.setup()
+    assert err.value.field == "train.devices"
+    assert "--nproc-per-node 2" in str(err.value) and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Two CPU processes under torchrun
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(tiny_model_dir, tmp_path, data):
+    one = one_process(tiny_model_dir, data, tmp_path / "one")
+    losses = [r.loss for r in one.steps]
+    assert len(losses) == 6 and len(set(losses)) == 6
+
+    torchrun_train(spec_for(tiny_model_dir, data, devices=2), tmp_path / "two")
+    two = logged(tmp_path / "two")
+    assert sorted(two) == list(range(1, 7))
+    assert [two[s] for s in range(1, 7)] == pytest.approx(losses, rel=1e-5)
+    val = logged(tmp_path / "two", "eval", "val_loss")
+    assert [val[3], val[6]] == pytest.approx([e.val_loss for e in one.evals], rel=1e-5)
+    assert (tmp_path / "two" / "adapter" / "adapter.safetensors").is_file()
+    assert json.loads((tmp_path / "two" / "spec.json").read_text())["train"]["devices"] == 2
+
+    checkpoint = latest_checkpoint(tmp_path / "two")
+    assert checkpoint is not None and checkpoint.name == "step-3"
+    rest = one_process(tiny_model_dir, data, tmp_path / "two-then-one", resume_from=checkpoint)
+    assert [r.step for r in rest.steps] == [4, 5, 6]
+    assert [r.loss for r in rest.steps] == pytest.approx(losses[3:], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two(tiny_model_dir, tmp_path, data):
+    one = one_process(tiny_model_dir, data, tmp_path / "one")
+    checkpoint = latest_checkpoint(tmp_path / "one")
+    assert checkpoint is not None and checkpoint.name == "step-3"
+    torchrun_train(spec_for(tiny_model_dir, data, devices=2), tmp_path / "one-then-two", "--resume", str(checkpoint))
+    rest = logged(tmp_path / "one-then-two")
+    assert sorted(rest) == [4, 5, 6]
+    assert [rest[s] for s in (4, 5, 6)] == pytest.approx([r.loss for r in one.steps][3:], rel=1e-5)
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """The pid of each rank torchrun (pid ``launcher``) started, by rank (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0") if ppid == launcher else []
+        except (OSError, IndexError, ValueError):
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(entry.name)
+    return found
+
+
+def start_job(service, spec, **env: str) -> tuple[int, subprocess.Popen]:
+    """Queue ``spec`` and run it as the worker would, under torchrun (``jobs.launch``); rank 0 claims it."""
+    job_id = service.submit(spec)
+    launcher = subprocess.Popen(child_command(job_id, spec.train.devices), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env=child_env(service, OMP_NUM_THREADS="1", **env))
+    return job_id, launcher
+
+
+def end(launcher: subprocess.Popen, timeout: float) -> str:
+    """Wait for torchrun to exit (killing it and its ranks if it does not); its output."""
+    try:
+        out, _ = launcher.communicate(timeout=timeout)
+        return out
+    except subprocess.TimeoutExpired:
+        for pid in [*rank_pids(launcher.pid).values(), launcher.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        out, _ = launcher.communicate(timeout=30)
+        raise AssertionError(f"torchrun still running after {timeout}s:\n{out[-4000:]}") from None
+
+
+@pytest.mark.slow
+def test_a_cancel_stops_both_ranks_with_a_checkpoint(service, tiny_model_dir, data):
+    spec = spec_for(tiny_model_dir, data, devices=2, max_steps=200, eval_every=0, save_every=0)
+    job_id, launcher = start_job(service, spec, WORKBENCH_TEST_STEP_DELAY="0.2")
+    try:
+        wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
+        assert service.cancel(job_id) == "running"
+    finally:
+        out = end(launcher, 60)
+    assert launcher.returncode == 0, out[-4000:]
+    job = service.get(job_id)
+    assert job["status"] == "cancelled" and job["result"]["status"] == "stopped", job["error"]
+    steps = [p["step"] for p in service.metrics(job_id)]
+    assert steps == list(range(1, job["progress"]["step"] + 1))  # rank 0 alone wrote, once per step
+    assert latest_checkpoint(job["out_dir"]).name == f"step-{job['progress']['step']}"
+    assert (Path(job["out_dir"]) / "adapter" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service, tiny_model_dir, data, victim):
+    """Rank 0 records the death of rank 1; when rank 0 itself is killed, rank 1 records it."""
+    spec = spec_for(tiny_model_dir, data, devices=2, max_steps=200, eval_every=0, save_every=0)
+    job_id, launcher = start_job(service, spec, WORKBENCH_TEST_STEP_DELAY="0.2")
+    try:
+        wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
+        ranks = rank_pids(launcher.pid)
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[victim], signal.SIGKILL)
+        killed = time.monotonic()
+    finally:
+        out = end(launcher, 2 * RANK_TIMEOUT_S)
+    assert time.monotonic() - killed < RANK_TIMEOUT_S, "rank 0 waited for the timeout instead of failing at once"
+    assert launcher.returncode != 0
+    job = service.get(job_id)
+    assert job["status"] == "failed", out[-4000:]
+    assert f"rank {victim} (pid {ranks[victim]}) has died; rank {1 - victim} stopped" in job["error"]
+    assert 2 <= job["progress"]["step"] < 200
+
+
+# ------------------------------------------------------------------------------------------------------
+# On CUDA (skipped without a GPU)
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trains_on_cuda_in_bf16_with_sdpa_and_without_the_cpu_kernels(tiny_model_dir, tmp_path, data):
+    spec = spec_for(tiny_model_dir, data, max_steps=8)
+    spec.model.device, spec.model.precision = "cuda", "auto"
+    rec = Recorder()
+    trainer = Trainer(spec, tmp_path / "out", rec)
+    trainer.setup()
+    try:
+        assert trainer.device.type == "cuda" and trainer.dtype == torch.bfloat16
+        assert next(trainer.model.model.layers[0].mlp.parameters()).dtype == torch.bfloat16
+        assert trainer.model.config._attn_implementation == "sdpa"
+        assert not trainer.parts & CPU_ONLY and "head_loss" in trainer.parts
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    assert result.status == "completed" and all(r.loss == r.loss for r in rec.steps)
+    assert rec.steps[-1].loss < rec.steps[0].loss and result.peak_memory_mb > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_train_like_one(tiny_model_dir, tmp_path, data):
+    spec = spec_for(tiny_model_dir, data)
+    spec.model.device = "cuda"
+    one = Recorder()
+    train(spec, tmp_path / "one", one)
+    spec.train.devices, spec.train.strategy = 2, "ddp"
+    torchrun_train(spec, tmp_path / "two")
+    two = logged(tmp_path / "two")
+    assert [two[s] for s in range(1, 7)] == pytest.approx([r.loss for r in one.steps], rel=1e-4)
