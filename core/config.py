@@ -235,6 +235,10 @@ class AdapterConfig:
 # Model, data, training and job settings.
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+QUANTIZATIONS = ("none", "nf4")
+# The methods whose adapters wrap a 4-bit base layer (core.quant): LoRA's family reads the frozen
+# weight only through the layer or its dequantised copy.
+QUANTIZED_METHODS = ("lora", "dora")
 
 
 @dataclass
@@ -244,10 +248,23 @@ class ModelSettings(Settings):
                              choices=("auto", "fp32", "bf16", "fp16"))
     device: str = setting("auto", "auto = cuda if available, else cpu", choices=("auto", "cpu", "cuda"))
     trust_remote_code: bool = setting(False, "allow code shipped with a hub model to run")
+    quantization: str = setting("none", "nf4 = QLoRA: the frozen linear layers (all but the output head) in 4-bit "
+                                        "NormalFloat, computed in the precision above (bf16 on a GPU); LoRA and "
+                                        "DoRA only; needs the optional package bitsandbytes",
+                                choices=QUANTIZATIONS)
 
     def check(self) -> None:
         if not self.name.strip():
             raise ConfigError("name", "name a model")
+
+
+def check_quantization(model: ModelSettings, adapter: AdapterConfig) -> None:
+    """A 4-bit base (QLoRA) trains only the methods of ``QUANTIZED_METHODS``: ``ConfigError`` on
+    ``model.quantization`` otherwise."""
+    if model.quantization != "none" and adapter.method not in QUANTIZED_METHODS:
+        raise ConfigError("model.quantization", f"{model.quantization} (QLoRA) trains LoRA or DoRA on a 4-bit base, "
+                                                f"not {adapter.method!r}; choose method lora or dora, or set "
+                                                "quantization to none")
 
 
 BUILTIN_DATASET = "builtin:math"
@@ -351,6 +368,9 @@ class JobSpec(Settings):
 
     def validate(self) -> "JobSpec":
         return super().validate()
+
+    def check(self) -> None:
+        check_quantization(self.model, self.adapter)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":

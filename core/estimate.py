@@ -7,7 +7,8 @@ adapters. Only the model config is read from disk (or the hub), once per model p
 
 The memory figure is rough (stated as such in the UI) and counts what the trainer allocates, for the
 resident memory of the training process (``bench/estimate_memory.py`` checks it against the peak
-resident memory of real runs): frozen weights in the compute dtype, adapter weights + gradients +
+resident memory of real runs): frozen weights in the compute dtype (on a 4-bit base, QLoRA, the
+quantised layers at ``core.quant.nf4_bytes`` each: 4 bits a weight and the block scales), adapter weights + gradients +
 AdamW moments in fp32, the activations kept for the backward pass, the logits, and the process
 itself. With ``T = micro_batch * seq`` tokens (``seq`` the cut-off length plus any virtual tokens: the
 trainer packs a micro-batch up to that many padded tokens), ``h`` the hidden size, ``kv`` the key/value
@@ -37,7 +38,8 @@ from typing import Any
 
 import torch
 
-from .config import AdapterConfig, DataSettings, ModelSettings, TrainSettings
+from . import quant
+from .config import AdapterConfig, DataSettings, ModelSettings, TrainSettings, check_quantization
 from .fields import ConfigError
 from .deployment import Deployment, current
 from .head_loss import CHUNK_ELEMENTS
@@ -131,6 +133,7 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
 
     Returns ``trainable``, ``base``, ``percent``, ``per_kind``, ``modules`` (exactly
     ``trainable_report`` of the attached model), ``adapter_bytes`` (the fp32 ``adapter.safetensors``),
+    ``quantized_layers`` (how many linear layers a 4-bit base holds in NF4; 0 without quantisation),
     ``adapter_frozen`` (values that file holds besides the trained ones: PiSSA/OLoRA's initial
     ``A0``, ``B0``, which make it, like their PEFT export, the size of a rank-2r LoRA; VeRA's projections),
     ``memory_bytes`` and its parts (``memory_parts``: ``weights``, ``adapter_and_optimizer``,
@@ -149,11 +152,14 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
         adapter_cfg.validate()
     except ConfigError as err:
         raise err.within("adapter") from None
+    check_quantization(model_settings, adapter_cfg)
     cfg = model_config(model_settings, deployment)
     if adapter_cfg.method == "prompt":  # the count does not depend on how the prompt is initialised
         adapter_cfg = dataclasses.replace(adapter_cfg, settings=dataclasses.replace(adapter_cfg.settings,
                                                                                    init="random"))
     model = meta_model(model_settings, deployment)
+    nf4 = model_settings.quantization == "nf4"
+    quantized = [m.weight.numel() for _, m in quant.layers_to_quantize(model)] if nf4 else []
     try:
         with torch.device("meta"):
             attach(model, adapter_cfg)
@@ -182,7 +188,7 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
         logits = tokens * vocab * (nbytes + 12)
     saved = tokens * nbytes * (layers * per_layer + _adapter_inputs(model))
     parts = {
-        "weights": report["base"] * nbytes,
+        "weights": (report["base"] - sum(quantized)) * nbytes + sum(quant.nf4_bytes(n) for n in quantized),
         "adapter_and_optimizer": report["trainable"] * ADAM_BYTES_PER_PARAM,
         "activations": int(ACTIVATION_RSS_FACTOR * saved),
         "logits": logits,
@@ -190,6 +196,7 @@ def estimate(model_settings: ModelSettings, adapter_cfg: AdapterConfig,
     }
     frozen = sum(math.prod(shape) for shape in shapes.values()) - report["trainable"]
     return {**report, "adapter_bytes": safetensors_size(shapes), "adapter_frozen": frozen,
+            "quantized_layers": len(quantized),
             "memory_bytes": sum(parts.values()),
             "memory_parts": parts, "model_type": cfg.model_type, "layers": layers, "hidden_size": hidden,
             "dtype": dtype_name, "seq_len": seq, "micro_batch_size": micro}

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import methods
+from . import methods, quant
 from .adapters.base import AdapterModule
 from .arch import arch_for, get_backbone, get_layers
 from .config import AdapterConfig, parse_layers
@@ -211,12 +211,23 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
 def export_merged(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
     """Save the model with its adapter folded in as a standard Hugging Face checkpoint (no adapter code needed).
 
-    Works on a copy: ``model`` keeps its adapters, unmerged.
+    Works on a copy: ``model`` keeps its adapters, unmerged. A model on a 4-bit base (QLoRA) is not
+    copied: its original weights are read again (``core.models.load_unquantized``) and the adapter,
+    moved over through its saved form, is folded into those, not into their 4-bit rounding.
     """
     import copy
 
     _mergeable_items(model)  # refuses a method that cannot merge, before the copy
-    clone = copy.deepcopy(model)
+    if quant.has_quantized(model):
+        import tempfile
+
+        from .models import load_unquantized
+
+        clone = load_unquantized(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            load_adapter(clone, save_adapter(model, tmp))
+    else:
+        clone = copy.deepcopy(model)
     for path, adapter in list(_mergeable_items(clone)):
         _replace(clone, path, adapter.fold())
     if hasattr(clone, "adapter_config"):

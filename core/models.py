@@ -12,8 +12,12 @@ may not run (the web process, or a job without the switches) is a ``core.sources
 ``trust_remote_code`` is never passed to transformers as True unless ``core.sources.trust_remote_code``
 says so.
 
+With ``quantization = "nf4"`` (QLoRA) the loaded model's linear layers become 4-bit (``core.quant``);
+the model remembers where it was read from, so that ``load_unquantized`` can read the original weights
+again for a merged export.
+
 Public API: ``LoadedModel``, ``ModelLoadError``, ``catalogue``, ``load_model``, ``load_tokenizer``,
-``load_config``, ``get_model``, ``clear_model_cache``.
+``load_config``, ``get_model``, ``clear_model_cache``, ``load_unquantized``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import embedded, hub, sources
+from . import embedded, hub, quant, sources
 from .config import ModelSettings
 from .deployment import Deployment, current
 from .devices import ModelLoadError, error_line, resolve_device, resolve_dtype
@@ -34,7 +38,7 @@ from .paths import models_dir
 from .sources import CATALOGUE, INSTALL_HINT, ModelSource, SourceError
 
 __all__ = ["LoadedModel", "ModelLoadError", "catalogue", "clear_model_cache", "get_model", "load_config",
-           "load_model", "load_tokenizer"]
+           "load_model", "load_tokenizer", "load_unquantized"]
 
 
 @dataclass
@@ -47,6 +51,15 @@ class LoadedModel:
     num_params: int
     device: torch.device
     compute_dtype: torch.dtype  # resolved from the precision setting (autocast / frozen weights)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a quantised model was read from (``model.quantized_from``): what ``load_unquantized`` reads."""
+
+    name: str
+    source: str
+    trust_remote_code: bool
 
 
 def catalogue() -> list[dict[str, Any]]:
@@ -177,13 +190,18 @@ def load_model(settings: ModelSettings, dtype: torch.dtype | None = None,
 
     The name is checked by ``core.sources`` first; a model that needs its own code loads only where
     ``core.sources.remote_code_enabled`` (a job), else ``RemoteCodeError``. The embedded model is
-    converted on first use (``core.embedded.convert``).
+    converted on first use (``core.embedded.convert``). With ``settings.quantization = "nf4"`` the
+    linear layers but the head are quantised to 4 bits from the ``dtype`` weights, computing in the
+    precision's dtype (``core.quant``); ``bitsandbytes`` missing is a ``ConfigError`` naming the fix,
+    raised before any weight is read.
     """
     from transformers import AutoModelForCausalLM
 
     found, trust = _prepare(settings, deployment)
     device = resolve_device(settings.device)
     compute = resolve_dtype(settings.precision, device)
+    if settings.quantization == "nf4":
+        quant.require_bitsandbytes()
     source = _location(found, weights=True)
     tokenizer = _auto_tokenizer(settings.name, source, trust)
     try:
@@ -191,12 +209,37 @@ def load_model(settings: ModelSettings, dtype: torch.dtype | None = None,
                                                      trust_remote_code=trust, **_hub_kwargs(source))
     except Exception as err:
         raise _load_error(settings.name, source, err) from None
+    num_params = sum(p.numel() for p in model.parameters())  # before quantisation packs two values a byte
+    if settings.quantization == "nf4":
+        quant.quantize_model(model, compute, device)
+        model.quantized_from = Origin(settings.name, source, trust)
     model.to(device).eval()
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, name=settings.name, source=source,
-                       model_type=model.config.model_type, num_params=sum(p.numel() for p in model.parameters()),
+                       model_type=model.config.model_type, num_params=num_params,
                        device=device, compute_dtype=compute)
+
+
+def load_unquantized(model: Any) -> Any:
+    """The model a 4-bit ``model`` of ``load_model`` was quantised from, read again with its original
+    weights, on the CPU, in the dtype of ``model``'s unquantised weights (its embeddings): what a merged
+    export of a QLoRA run folds the update into, rather than the 4-bit rounding of those weights."""
+    from transformers import AutoModelForCausalLM
+
+    origin: Origin | None = getattr(model, "quantized_from", None)
+    if origin is None:
+        raise ModelLoadError("this 4-bit model was not loaded by core.models.load_model, so where its original "
+                             "weights are is unknown; load it with load_model(settings) to export it merged",
+                             "model.quantization")
+    try:
+        original = AutoModelForCausalLM.from_pretrained(
+            origin.source, dtype=model.get_input_embeddings().weight.dtype,
+            trust_remote_code=origin.trust_remote_code, **_hub_kwargs(origin.source))
+    except Exception as err:
+        raise _load_error(origin.name, origin.source, err) from None
+    original.config.pad_token_id = model.config.pad_token_id  # as load_model set it
+    return original.eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +253,7 @@ _cache_lock = threading.Lock()
 def _cache_key(settings: ModelSettings, found: ModelSource, trust: bool) -> tuple:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.precision, device)
-    return (found.kind, found.location, str(models_dir()), str(device), dtype, trust)
+    return (found.kind, found.location, str(models_dir()), str(device), dtype, trust, settings.quantization)
 
 
 def get_model(settings: ModelSettings, deployment: Deployment | None = None) -> LoadedModel:

@@ -21,7 +21,8 @@ kernels), ``V xd`` is LoRA's written-out function (``_LoraTrainFn``) applied to 
 
 Everything else is LoRA's: rsLoRA, LoRA+ (``m`` at the base learning rate), PiSSA/OLoRA starts (``V``
 is then ``W + s (B A - B0 A0)``), fused q/k/v slices (one magnitude per role, rows outside the
-targeted slices untouched), ``Conv1D``. The merge is exact: ``W' = g ⊙ V``.
+targeted slices untouched), ``Conv1D``, a 4-bit base (QLoRA: ``W`` dequantised for the norms, ``W z``
+through the 4-bit layer). The merge is exact: ``W' = g ⊙ V``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import quant
 from ..arch import ArchSpec, in_out_features
 from ..config import AdapterConfig
 from ..methods import Drawing, Method, register
@@ -117,7 +119,9 @@ class DoraLinear(lora.LoraLinear):
 
     # ------------------------------------------------------------------------------------ forward, merge
     def _linear(self, z: torch.Tensor) -> torch.Tensor:
-        """``W z`` without the bias."""
+        """``W z`` without the bias (a 4-bit base computes it as its own forward does)."""
+        if self.quantized:
+            return quant.linear(self.base, z)
         weight = self.base.weight
         return z @ weight if self.transposed else F.linear(z, weight)
 

@@ -19,6 +19,12 @@ Settings of the LoRA family, shared with DoRA (``dora.py``):
   ``B' = [B, -B0]`` (``lora_factors``), which is how it merges and exports. The frozen pair reads the
   un-dropped input, as the residual weight would; the fast training route multiplies by the residual
   itself (``fast_weight``).
+- QLoRA (Dettmers et al., 2023; ``core.quant``): the base may be a 4-bit ``Linear4bit``. The module
+  then calls it as it is (its autograd function keeps only the packed weight for the backward pass),
+  reads ``W`` dequantised where it needs it (a PiSSA start, DoRA's norms), does not merge into the
+  4-bit weights (the merged export folds into the original ones, ``core.inject``), and trains by the
+  plain route: the fast one would keep a dense copy of every adapted weight from the forward to the
+  backward pass, the memory a 4-bit base exists to save.
 
 The end of the file declares the method: its settings, builder, PEFT layout, drawing and record.
 """
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import quant
 from ..arch import ArchSpec, in_out_features, is_conv1d
 from ..config import ROLES, AdapterConfig, parse_layers
 from ..fields import ConfigError, Settings, setting
@@ -113,6 +120,7 @@ class LoraLinear(WeightMerging):
                  rslora: bool = False, init: str = "kaiming", b_lr_ratio: float = 1.0):
         super().__init__()
         self.base = base
+        self.quantized = quant.is_quantized(base)  # a 4-bit base (QLoRA): see the module docstring
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.p = dropout
@@ -138,7 +146,10 @@ class LoraLinear(WeightMerging):
             self._start_from_weight(parts)
 
     def weight_out_in(self) -> torch.Tensor:
-        """The base weight as (out x in), a view (``Conv1D`` stores it transposed)."""
+        """The base weight as (out x in): a view (``Conv1D`` stores it transposed), or a 4-bit base's
+        weight dequantised (a new tensor in the dtype it was quantised from)."""
+        if self.quantized:
+            return quant.dequantize(self.base)
         weight = self.base.weight
         return weight.T if self.transposed else weight
 
@@ -253,6 +264,15 @@ class LoraLinear(WeightMerging):
                 self._fast_residual = (key, (weight.float() - frozen).to(weight.dtype))
         return self._fast_residual[1]
 
+    def merge(self) -> None:
+        """``WeightMerging.merge``; refused on a 4-bit base, which would round the merged weight to 4 bits
+        again (most of a small update lost): a merged export folds it into the original weights instead."""
+        if self.quantized:
+            raise ConfigError("model.quantization", "a 4-bit base cannot hold the merged update without rounding "
+                                                    "it to 4 bits again; export the merged model instead, which "
+                                                    "folds the update into the original weights")
+        super().merge()
+
     def train(self, mode: bool = True) -> "LoraLinear":
         if not mode:
             self._fast_residual = None  # the fast route's copy of the weight is for training only
@@ -280,7 +300,8 @@ class LoraLinear(WeightMerging):
             self.dropout = nn.Dropout(self.p)
 
     def _fused_path(self, x: torch.Tensor) -> bool:
-        """Training a plain frozen ``nn.Linear`` in bf16/fp16: the one-function route (``_LoraTrainFn``)."""
+        """Training a plain frozen ``nn.Linear`` in bf16/fp16: the one-function route (``_LoraTrainFn``).
+        Not a 4-bit ``Linear4bit`` (a subclass): see the module docstring."""
         weight = self.base.weight
         return (self.fast_function and self.training and torch.is_grad_enabled() and self.out_index is None
                 and type(self.base) is nn.Linear and x.dtype in (torch.bfloat16, torch.float16)
