@@ -116,6 +116,21 @@ def _show(job: dict) -> None:
         print("\n".join("    " + line for line in job["traceback"].rstrip().splitlines()[-15:]))
 
 
+WORKER_HELP = """\
+Run queued jobs in child processes. Start one on each machine that shares the database
+(--db or $WORKBENCH_DB_URL; several machines need PostgreSQL) and the runs directory
+($WORKBENCH_HOME/runs: one shared folder, at the same path on every machine)."""
+WORKER_EPILOG = """\
+A worker claims only the jobs its devices can run: model.device cpu runs anywhere (with
+train.devices N, as N CPU processes); cuda needs train.devices free GPUs of this worker, each
+with the job's --gpu-memory; auto takes GPUs on a CUDA worker and the CPU on a CPU worker.
+$WORKBENCH_WORKER_HOST names this machine when its host name is not unique (containers).
+
+examples:
+  python -m jobs worker --devices cuda:0,1 --concurrency 2 --tag gpu-box-a
+  python -m jobs worker --devices cpu --tag laptop"""
+
+
 def _print_workers(workers: list[dict]) -> None:
     rows = [("ID", "STATE", "HEARTBEAT", "DEVICES", "JOBS", "TAG", "HOST")]
     for w in workers:
@@ -171,16 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=text).add_argument("id", type=int)
     p = sub.add_parser("compare", help="accuracy matrix of evaluated models (Markdown or CSV)")
     p.add_argument("--csv", action="store_true")
-    p = sub.add_parser(
-        "worker", help="run queued jobs until stopped", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run queued jobs in child processes. Start one on each machine that shares the database "
-                    "(--db or $WORKBENCH_DB_URL: PostgreSQL for several machines) and the runs directory "
-                    "($WORKBENCH_HOME/runs, the same shared folder everywhere).",
-        epilog="A worker claims only jobs its devices can run: model.device cpu runs anywhere (train.devices N "
-               "as N CPU processes); cuda needs train.devices free GPUs (each with the job's --gpu-memory); auto "
-               "takes GPUs on a CUDA worker and the CPU on a CPU worker.\n\nexamples:\n"
-               "  python -m jobs worker --devices cuda:0,1 --concurrency 2 --tag gpu-box-a\n"
-               "  python -m jobs worker --devices cpu --tag laptop")
+    p = sub.add_parser("worker", help="run queued jobs until stopped", description=WORKER_HELP, epilog=WORKER_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", default="auto", metavar="SPEC",
                    help="what this worker offers: auto (every GPU here, else the CPU; default), cpu, cuda (every "
                         "GPU) or cuda:0,1 (those GPUs); each job process gets one GPU of its own")
