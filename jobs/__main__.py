@@ -104,6 +104,14 @@ def _show(job: dict) -> None:
         f"  finished  {job['finished_at'] or '-'}",
         f"  output    {job['out_dir']}",
     ]
+    needs = job["needs"]
+    if needs["device"] != "auto" or needs["processes"] > 1 or needs["gpu_memory"]:
+        memory = f", {needs['gpu_memory'] / GiB:g} GiB per GPU" if needs["gpu_memory"] else ""
+        lines.append(f"  needs     {needs['device']} x{needs['processes']}{memory}")
+    if job["ran_on"]:
+        lines.append(f"  worker    {job['ran_on']['tag']} on {job['ran_on']['host']}")
+    elif job["worker"]:
+        lines.append(f"  worker    {job['worker']}")
     if job["resumes_job_id"] is not None:
         lines.append(f"  resumes   job {job['resumes_job_id']} from {job['resume_checkpoint']}")
     if job["target_job_id"] is not None:

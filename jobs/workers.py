@@ -33,7 +33,7 @@ SHOWN_STALE_S = 86400.0       # stale (not stopped) workers stay in the list thi
 
 def claimable(devices: Devices, busy: set[int]) -> Any:
     """The SQL condition on ``jobs`` a worker offering ``devices`` (GPUs ``busy`` taken) could run now;
-    ``devices.assign`` decides for each candidate (which GPUs, the memory of each)."""
+    ``jobs.devices.assign`` then decides for each candidate (which GPUs, the memory of each)."""
     if not devices.gpus:
         return Job.device.in_(("cpu", "auto"))
     free = [g for g in devices.gpus if g.index not in busy]

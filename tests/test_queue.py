@@ -200,6 +200,7 @@ def test_hosts_are_shown_to_users_but_not_to_public_visitors(queue, db_url, tmp_
     with pytest.raises(FilesNotHere, match=r"worker gpu-a on host gpu-box.*must be one folder shared"):
         queue.logs(job_id)
     assert queue.list_workers()[0]["host"] == "gpu-box"
+    assert "worker    gpu-a on gpu-box" in cli(queue, "show", str(job_id)).stdout
 
     team = JobService(db_url, home=tmp_path / "home", deployment=Deployment.for_mode("team"))
     public = JobService(db_url, home=tmp_path / "home", deployment=Deployment.for_mode("public"))
