@@ -144,6 +144,17 @@ class Ranks:
             dist.all_reduce(total)
         return total.tolist()
 
+    def same(self, values: list[float]) -> bool:
+        """Whether every rank holds the same ``values`` (a digest of what each read by itself)."""
+        if self.world == 1:
+            return True
+        high = torch.tensor(values, dtype=torch.float64)
+        low = -high
+        with self._collective("comparing what the ranks loaded"):
+            dist.all_reduce(high, dist.ReduceOp.MAX)
+            dist.all_reduce(low, dist.ReduceOp.MAX)
+        return torch.equal(high, -low)
+
     def sync_gradients(self, params: list[nn.Parameter]) -> None:
         """Replace each parameter's gradient by its sum over the ranks: one all-reduce per dtype.
 

@@ -221,6 +221,9 @@ class Trainer:
         self.backbone = get_backbone(self.model, spec_arch)
         self.head = self.model.get_output_embeddings()
         self.lengths = [len(e.input_ids) for e in self.train_data.examples]
+        if not self.ranks.same([len(self.lengths), sum(self.lengths)]):  # each rank plans every batch itself
+            raise ConfigError("data.source", "the training processes read different data: did the file change "
+                                             "while they loaded it?")
         self.steps_per_epoch = math.ceil(len(self.lengths) / t.batch_size)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
         self._build_optimizer()  # the schedule reads total_steps

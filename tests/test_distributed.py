@@ -24,7 +24,7 @@ from core.data import shard
 from core.distributed import Ranks
 from core.train import CPU_ONLY, Trainer, latest_checkpoint, train
 from jobs.launch import child_command
-from tests.test_jobs_support import REPO, child_env, tiny_spec, wait_for, write_data
+from tests.test_jobs_support import REPO, child_env, tiny_spec, wait_dead, wait_final, wait_for, write_data
 from tests.test_train import Recorder
 
 RANK_TIMEOUT_S = 30  # train.rank_timeout_s here: a hang would show as a test slower than this
@@ -172,17 +172,28 @@ def end(launcher: subprocess.Popen, timeout: float) -> str:
 
 
 @pytest.mark.slow
-def test_a_cancel_stops_both_ranks_with_a_checkpoint(service, tiny_model_dir, data):
+@pytest.mark.parametrize("how,status,error", [
+    ("cancel", "cancelled", None),
+    ("SIGTERM", "interrupted", "stopped by SIGTERM"),  # what Worker.stop(terminate_children=True) sends torchrun
+    ("SIGKILL", "interrupted", "stopped by the end of torchrun"),  # its ranks, in sessions of their own, stop too
+])
+def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_model_dir, data, how, status, error):
     spec = spec_for(tiny_model_dir, data, devices=2, max_steps=200, eval_every=0, save_every=0)
     job_id, launcher = start_job(service, spec, WORKBENCH_TEST_STEP_DELAY="0.2")
     try:
         wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
-        assert service.cancel(job_id) == "running"
+        ranks = rank_pids(launcher.pid)
+        if how == "cancel":
+            assert service.cancel(job_id) == "running"
+        else:
+            os.kill(launcher.pid, getattr(signal, how))
+        job = wait_final(service, job_id, 60)
     finally:
         out = end(launcher, 60)
-    assert launcher.returncode == 0, out[-4000:]
-    job = service.get(job_id)
-    assert job["status"] == "cancelled" and job["result"]["status"] == "stopped", job["error"]
+    for pid in ranks.values():
+        wait_dead(pid)
+    assert job["status"] == status and job["result"]["status"] == "stopped", out[-4000:]
+    assert job["error"] == error if error is None else error in job["error"]
     steps = [p["step"] for p in service.metrics(job_id)]
     assert steps == list(range(1, job["progress"]["step"] + 1))  # rank 0 alone wrote, once per step
     assert latest_checkpoint(job["out_dir"]).name == f"step-{job['progress']['step']}"
