@@ -2,7 +2,8 @@
 
 ``ServiceBase`` holds the database, the home folder, the deployment and the ``Actor`` the service acts
 for (``scoped`` makes a view for another actor), and the checks every mixin of ``JobService`` uses:
-ownership (``owner``, ``may_see``, ``_mine``, ``_job``), worker-only operations (``_require_system``)
+ownership (``owner``, ``may_see``, ``_mine``, ``_job``), who sees workers' hosts (``may_see_workers``),
+worker-only operations (``_require_system``)
 and quotas (``limits``, ``_check_quota``). Kept in one place so the rules cannot differ between jobs,
 artifacts, evaluations, uploads and studies.
 """
@@ -62,6 +63,12 @@ class ServiceBase:
 
     def may_see(self, owner: str | None) -> bool:
         return self.actor.admin or owner == self.actor.name
+
+    @property
+    def may_see_workers(self) -> bool:
+        """Whether this actor may see the hosts, processes and tags of workers: everyone but a public
+        visitor (a host name tells a stranger about the server's machines)."""
+        return self.actor.admin or not self.deployment.public
 
     def _mine(self, query: Any, column: Any) -> Any:
         """``query`` restricted to rows this actor may see."""

@@ -47,18 +47,16 @@ def claimable(devices: Devices, busy: set[int]) -> Any:
 class WorkersAPI(ServiceBase):
     """The registry side of ``JobService``."""
 
-    @property
-    def may_see_workers(self) -> bool:
-        """Whether this actor may see hosts, processes and tags of workers (not a public visitor)."""
-        return self.actor.admin or not self.deployment.public
-
     # ------------------------------------------------------------------------------ worker's side
     def register_worker(self, tag: str, host: str, pid: int, devices: Devices, concurrency: int,
                         lease_s: float) -> int:
-        """Add a worker (and delete rows of workers silent for ``PRUNE_AFTER_S``); return its id."""
+        """Add a worker (and delete rows of workers silent for ``PRUNE_AFTER_S`` that no running job
+        names: the lease sweep still needs those); return its id."""
         self._require_system("registering a worker")
+        running = sa.select(Job.worker_id).where(Job.status == "running", Job.worker_id.is_not(None))
         with self.db.write() as s:
-            s.execute(sa.delete(WorkerRecord).where(WorkerRecord.heartbeat_at < db_now(-PRUNE_AFTER_S)))
+            s.execute(sa.delete(WorkerRecord).where(WorkerRecord.heartbeat_at < db_now(-PRUNE_AFTER_S),
+                                                    WorkerRecord.id.not_in(running)))
             row = WorkerRecord(tag=tag[:200], host=host[:255], pid=pid, devices=devices.to_dict(),
                                concurrency=concurrency, lease_s=float(lease_s), started_at=db_now(),
                                heartbeat_at=db_now())

@@ -170,6 +170,18 @@ def test_a_job_outlives_its_worker_only_for_the_lease_on_the_database_clock(queu
     assert queue.heartbeat(far) and queue.list_workers()[0]["live"]
 
 
+def test_long_silent_workers_are_pruned_unless_a_running_job_names_them(queue, tiny_model_dir, data):
+    job_id = submit(queue, tiny_model_dir, data)
+    busy, idle = register(queue, "busy"), register(queue, "idle")
+    queue.claim_next(busy, "elsewhere:1", CPU, set())
+    with queue.db.write() as s:
+        s.execute(sa.update(WorkerRecord).values(heartbeat_at=jobs_db.db_now(-8 * 86400)))
+    register(queue, "new")
+    with queue.db.read() as s:
+        assert sorted(s.scalars(sa.select(WorkerRecord.tag))) == ["busy", "new"]
+    assert Worker(queue, devices=CPU).expire_leases() == [job_id]  # the sweep still finds the job's worker
+
+
 def test_a_worker_stops_its_child_when_another_took_its_job(queue, tiny_model_dir, data):
     job_id = submit(queue, tiny_model_dir, data)
     worker = Worker(queue, devices=CPU, heartbeat_s=0.5, lease_s=2.0)
