@@ -269,12 +269,14 @@ def test_qlora_trains_on_cuda_in_bf16(tiny_model_dir, tmp_path, method):
     assert base.weight.device.type == "cuda" and base.compute_dtype == torch.bfloat16
     trainer.train()
     assert rec.losses[-1] < rec.losses[0]
-    fresh = load_model(spec.model).model
+    fresh = load_model(spec.model, dtype=torch.bfloat16).model  # as the trainer loads it
     core.load_adapter(fresh, tmp_path / "out" / "adapter")
+    saved, loaded = core.adapter_state_dict(trainer.model), core.adapter_state_dict(fresh)
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     batch = toy_batch()
-    attended = batch["attention_mask"].bool()
+    attended = batch["attention_mask"].bool()  # bf16 logits: a step of bf16 apart at most
     torch.testing.assert_close(logits(fresh, batch)[attended], logits(trainer.model.eval(), batch)[attended],
-                               rtol=0, atol=1e-5)
+                               rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.cuda
