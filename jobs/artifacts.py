@@ -52,6 +52,7 @@ class ArtifactsAPI(ServiceBase):
         if job["kind"] != "train":
             raise JobError(f"job {job['id']} is an {job['kind']} job; only training jobs have adapters")
         if not (Path(job["out_dir"]) / "adapter" / "adapter_config.json").is_file():
+            self.check_files_here(job_id)  # run elsewhere, runs directory not shared: say so, not "no adapter"
             raise JobError(f"job {job['id']} has no adapter yet (status {job['status']})")
         if kind != "adapter":
             from core import methods

@@ -211,6 +211,8 @@ def test_hosts_are_shown_to_users_but_not_to_public_visitors(queue, db_url, tmp_
     assert queue.get(job_id)["ran_on"] == {"worker_id": gpu, "tag": "gpu-a", "host": "gpu-box"}
     with pytest.raises(FilesNotHere, match=r"worker gpu-a on host gpu-box.*must be one folder shared"):
         queue.logs(job_id)
+    with pytest.raises(FilesNotHere, match=r"worker gpu-a on host gpu-box"):
+        queue.export(job_id, "peft")  # not "no adapter yet": the adapter may well be on gpu-box
     assert queue.list_workers()[0]["host"] == "gpu-box"
     assert "worker    gpu-a on gpu-box" in cli(queue, "show", str(job_id)).stdout
 
