@@ -196,11 +196,13 @@ def main() -> None:
     models, methods = args.models.split(","), args.methods.split(",")
     unknown = sorted(set(models) - set(MODELS)) + sorted(set(methods) - set(METHODS))
     if unknown:
-        raise SystemExit(f"unknown models or methods {unknown}; models: {', '.join(MODELS)}; methods: {', '.join(METHODS)}")
+        raise SystemExit(f"unknown models or methods {unknown}; models: {', '.join(MODELS)}; "
+                         f"methods: {', '.join(METHODS)}")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("# no CUDA GPU here: nothing measured (bench/gpu_check.sh runs this on one; --device cpu is a smoke test)")
+        print("# no CUDA GPU here: nothing measured (bench/gpu_check.sh runs this on one; --device cpu is a "
+              "smoke test)")
         return
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"# {where}, torch {torch.__version__}; random-weight models, built-in math data, batch 16 (micro 4 x 4, "
@@ -219,8 +221,8 @@ def main() -> None:
                     continue
                 cmd = [*base, "--model", model, "--method", method]
                 p, o = (run_child([*cmd, "--side", side], f"{side} {model} {method}") for side in ("peft", "ours"))
-                speedups[f"{model} {method}"] = o["tokens_per_s"] / p["tokens_per_s"]
-                print(f"{row} {p['tokens_per_s']:.0f} | {o['tokens_per_s']:.0f} | {speedups[f'{model} {method}']:.2f}x | "
+                speedup = speedups[f"{model} {method}"] = o["tokens_per_s"] / p["tokens_per_s"]
+                print(f"{row} {p['tokens_per_s']:.0f} | {o['tokens_per_s']:.0f} | {speedup:.2f}x | "
                       f"{p['peak_mb']:.0f} | {o['peak_mb']:.0f} |", flush=True)
     print(f"gpu_min_speedup_vs_peft: {min(speedups.values(), default=float('nan')):.2f}")
 

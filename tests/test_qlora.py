@@ -242,7 +242,7 @@ def test_peft_export_is_the_lora_alone(tiny_model_dir, tmp_path):
     config = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
     assert config == json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and not config["use_dora"]
-    q, p = load_file(tmp_path / "q" / "adapter_model.safetensors"), load_file(tmp_path / "p" / "adapter_model.safetensors")
+    q, p = (load_file(tmp_path / side / "adapter_model.safetensors") for side in ("q", "p"))
     assert q.keys() == p.keys() and all(torch.equal(q[k], p[k]) for k in q)
 
 
