@@ -18,7 +18,9 @@ trainer calls the backbone and the LM head itself (``head_loss``), not the model
 wraps; and a rank's micro-batches are cut by tokens (``core.train.pack_micro_batches``), so ranks do
 not run the same number of backward passes, which DDP's per-backward reducer (and ``no_sync``) assumes.
 Summing after the accumulation makes every rank's gradient that of the whole global batch, exactly what
-one process computes, so clipping and the optimiser step are the same on every rank.
+one process computes, so clipping and the optimiser step are the same on every rank. On CUDA the step's
+sum of losses (gloo, CPU) follows the NCCL launch without waiting for the GPU, so a rank that died
+during the step shows as a gloo error on the CPU rather than as a wait inside NCCL.
 """
 
 from __future__ import annotations
@@ -48,14 +50,7 @@ def world_size() -> int:
 
 
 class RankFailure(RuntimeError):
-    """A collective failed: another rank died, or did not answer within the group's timeout.
-
-    ``dead``: the ranks whose processes have ended (those on this host; empty when none has).
-    """
-
-    def __init__(self, message: str, dead: list[int]):
-        super().__init__(message)
-        self.dead = dead
+    """A collective failed: another rank died (the message names it), or did not answer in time."""
 
 
 def _ended(pid: int) -> bool:
@@ -99,9 +94,9 @@ class Ranks:
         try:
             yield
         except RuntimeError as err:  # DistBackendError, DistNetworkError and gloo's own are RuntimeErrors
-            raise self.failure(what, err) from err
+            raise self._failure(what, err) from err
 
-    def failure(self, what: str, err: BaseException) -> RankFailure:
+    def _failure(self, what: str, err: BaseException) -> RankFailure:
         """The ``RankFailure`` for ``err`` met while ``what``: which ranks died, else that one is stuck."""
         host = zlib.crc32(socket.gethostname().encode())
         mine = [(r, pid) for r, (h, pid) in enumerate(self.peers) if h == host and r != self.rank]
@@ -115,11 +110,10 @@ class Ranks:
         if dead:
             names = ", ".join(f"rank {r} (pid {pid})" for r, pid in dead)
             verb = "has" if len(dead) == 1 else "have"
-            return RankFailure(f"{names} {verb} died; rank {self.rank} stopped while {what} ({cause})",
-                               [r for r, _ in dead])
+            return RankFailure(f"{names} {verb} died; rank {self.rank} stopped while {what} ({cause})")
         return RankFailure(f"rank {self.rank} stopped while {what} ({cause}); no other rank's process on "
                            f"this host has ended, so one may be stuck (each wait is limited to "
-                           f"train.rank_timeout_s = {self.timeout_s:g} s)", [])
+                           f"train.rank_timeout_s = {self.timeout_s:g} s)")
 
     def agree(self, flag: bool) -> bool:
         """Rank 0's ``flag``, on every rank (a decision only rank 0 takes: start, stop).
@@ -227,7 +221,7 @@ def join(device: torch.device, timeout_s: float) -> Ranks:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         except RuntimeError as err:
             raise RankFailure(f"rank {rank} could not join the other {world - 1} within "
-                              f"{timeout_s:g} s ({error_line(err)})", []) from err
+                              f"{timeout_s:g} s ({error_line(err)})") from err
         ranks.owner = True
     me = torch.tensor([zlib.crc32(socket.gethostname().encode()), os.getpid()], dtype=torch.int64)
     table = [torch.zeros_like(me) for _ in range(world)]

@@ -3,7 +3,8 @@
 Two CPU ranks on the tiny checkpoint, fp32 and no dropout: the same losses as one process with the
 same global batch; a checkpoint moves from 2 processes to 1 and back; a cancel stops both ranks; a
 killed rank fails the job, named, while the other ends at once instead of waiting for the timeout.
-The tests marked ``cuda`` run where there is a GPU (two for DDP) and skip elsewhere.
+The tests marked ``cuda`` run where there is a GPU (two for DDP) and skip elsewhere. The GPU machine
+has no SQLAlchemy, so this module imports ``jobs`` (and the jobs tests' helpers) only in the job tests.
 """
 
 from __future__ import annotations
@@ -19,22 +20,50 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import ConfigError
+from core import AdapterConfig, ConfigError, JobSpec
+from core.callbacks import TrainCallbacks
 from core.data import shard
 from core.distributed import Ranks
 from core.train import CPU_ONLY, Trainer, latest_checkpoint, train
-from jobs.launch import child_command
-from tests.test_jobs_support import REPO, child_env, tiny_spec, wait_dead, wait_final, wait_for, write_data
-from tests.test_train import Recorder
 
+REPO = Path(__file__).resolve().parents[1]
 RANK_TIMEOUT_S = 30  # train.rank_timeout_s here: a hang would show as a test slower than this
+# tests.test_jobs_support's rows (that module imports jobs, hence SQLAlchemy)
+ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} + {b} = {a + b}. The answer is {a + b}."}
+        for a in range(1, 7) for b in range(2, 6)]
 
 
-def spec_for(tiny_model_dir, data, devices: int = 1, **train_settings):
-    """The tiny LoRA run without dropout, 6 steps of 4 examples (2 per rank on 2), a checkpoint at 3."""
-    settings = dict(max_steps=6, eval_every=3, save_every=3, devices=devices,
-                    strategy="ddp" if devices > 1 else "single", rank_timeout_s=RANK_TIMEOUT_S)
-    return tiny_spec(tiny_model_dir, data, dropout=0.0, **{**settings, **train_settings})
+@pytest.fixture
+def rows(tmp_path) -> Path:
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(ROWS))
+    return path
+
+
+def spec_for(model_dir, data, devices: int = 1, **train_settings) -> JobSpec:
+    """LoRA without dropout on the tiny checkpoint, fp32 on the CPU: 20 training rows, 4 validation rows,
+    6 steps of 4 examples (2 per rank on 2 processes), validation and a checkpoint at step 3."""
+    spec = JobSpec(name="tiny")
+    spec.model.name, spec.model.precision, spec.model.device = str(model_dir), "fp32", "cpu"
+    spec.adapter = AdapterConfig.for_method("lora", r=4, alpha=8, dropout=0.0)
+    spec.data.source, spec.data.val_size = str(data), 4
+    settings = dict(batch_size=4, micro_batch_size=2, learning_rate=1e-2, warmup_steps=1, max_steps=6,
+                    eval_every=3, save_every=3, devices=devices, strategy="ddp" if devices > 1 else "single",
+                    rank_timeout_s=RANK_TIMEOUT_S)
+    for key, value in {**settings, **train_settings}.items():
+        setattr(spec.train, key, value)
+    return spec
+
+
+class Recorder(TrainCallbacks):
+    def __init__(self) -> None:
+        self.steps, self.evals = [], []
+
+    def on_step(self, report) -> None:
+        self.steps.append(report)
+
+    def on_eval(self, report) -> None:
+        self.evals.append(report)
 
 
 def torchrun_train(spec, out: Path, *args: str, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
@@ -54,9 +83,9 @@ def logged(out: Path, kind: str = "step", key: str = "loss") -> dict[int, float]
     return {r["step"]: r[key] for r in lines if r["type"] == kind}
 
 
-def one_process(tiny_model_dir, data, out: Path, **kw) -> Recorder:
+def one_process(tiny_model_dir, rows, out: Path, **kw) -> Recorder:
     rec = Recorder()
-    train(spec_for(tiny_model_dir, data), out, rec, **kw)
+    train(spec_for(tiny_model_dir, rows), out, rec, **kw)
     return rec
 
 
@@ -67,10 +96,10 @@ def test_one_process_ranks_pass_values_through_and_shard_is_every_nth():
     ranks = Ranks()
     assert ranks.main and ranks.agree(True) and not ranks.agree(False)
     assert ranks.sum([1.5, 3]) == [1.5, 3]
-    rows = list(range(7))
-    assert shard(rows, 0, 1) is rows
-    assert shard(rows, 0, 2) == [0, 2, 4, 6] and shard(rows, 1, 2) == [1, 3, 5]
-    assert sorted(shard(rows, 0, 3) + shard(rows, 1, 3) + shard(rows, 2, 3)) == rows
+    batch = list(range(7))
+    assert shard(batch, 0, 1) is batch
+    assert shard(batch, 0, 2) == [0, 2, 4, 6] and shard(batch, 1, 2) == [1, 3, 5]
+    assert sorted(shard(batch, 0, 3) + shard(batch, 1, 3) + shard(batch, 2, 3)) == batch
 
 
 @pytest.mark.parametrize("change,field,words", [
@@ -78,16 +107,16 @@ def test_one_process_ranks_pass_values_through_and_shard_is_every_nth():
     ({"devices": 2, "strategy": "ddp", "micro_batch_size": 4}, "train.micro_batch_size", "each process's share"),
     ({"devices": 2, "strategy": "ddp", "batch_size": 6, "micro_batch_size": 2},
      "train.micro_batch_size", "must divide batch_size / devices = 3"),
-    ({"devices": 2}, "train.devices", "strategy ddp"),
+    ({"devices": 2, "strategy": "single"}, "train.devices", "strategy ddp"),
 ])
-def test_the_global_batch_must_split_evenly_across_processes(tiny_model_dir, tmp_path, change, field, words):
+def test_the_global_batch_must_split_evenly_across_processes(tiny_model_dir, rows, tmp_path, change, field, words):
     with pytest.raises(ConfigError) as err:
-        Trainer(tiny_spec(tiny_model_dir, write_data(tmp_path / "d.json"), **change), tmp_path / "out")
+        Trainer(spec_for(tiny_model_dir, rows, **change), tmp_path / "out")
     assert err.value.field == field and words in str(err.value)
 
 
-def test_several_devices_in_one_process_say_how_to_start_them(tiny_model_dir, tmp_path):
-    trainer = Trainer(spec_for(tiny_model_dir, write_data(tmp_path / "d.json"), devices=2), tmp_path / "out")
+def test_several_devices_in_one_process_say_how_to_start_them(tiny_model_dir, rows, tmp_path):
+    trainer = Trainer(spec_for(tiny_model_dir, rows, devices=2), tmp_path / "out")
     with pytest.raises(ConfigError) as err:
         trainer.setup()
     assert err.value.field == "train.devices"
@@ -98,12 +127,12 @@ def test_several_devices_in_one_process_say_how_to_start_them(tiny_model_dir, tm
 # Two CPU processes under torchrun
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(tiny_model_dir, tmp_path, data):
-    one = one_process(tiny_model_dir, data, tmp_path / "one")
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(tiny_model_dir, tmp_path, rows):
+    one = one_process(tiny_model_dir, rows, tmp_path / "one")
     losses = [r.loss for r in one.steps]
     assert len(losses) == 6 and len(set(losses)) == 6
 
-    torchrun_train(spec_for(tiny_model_dir, data, devices=2), tmp_path / "two")
+    torchrun_train(spec_for(tiny_model_dir, rows, devices=2), tmp_path / "two")
     two = logged(tmp_path / "two")
     assert sorted(two) == list(range(1, 7))
     assert [two[s] for s in range(1, 7)] == pytest.approx(losses, rel=1e-5)
@@ -114,17 +143,17 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one(tiny_m
 
     checkpoint = latest_checkpoint(tmp_path / "two")
     assert checkpoint is not None and checkpoint.name == "step-3"
-    rest = one_process(tiny_model_dir, data, tmp_path / "two-then-one", resume_from=checkpoint)
+    rest = one_process(tiny_model_dir, rows, tmp_path / "two-then-one", resume_from=checkpoint)
     assert [r.step for r in rest.steps] == [4, 5, 6]
     assert [r.loss for r in rest.steps] == pytest.approx(losses[3:], rel=1e-5)
 
 
 @pytest.mark.slow
-def test_a_one_process_checkpoint_resumes_on_two(tiny_model_dir, tmp_path, data):
-    one = one_process(tiny_model_dir, data, tmp_path / "one")
+def test_a_one_process_checkpoint_resumes_on_two(tiny_model_dir, tmp_path, rows):
+    one = one_process(tiny_model_dir, rows, tmp_path / "one")
     checkpoint = latest_checkpoint(tmp_path / "one")
     assert checkpoint is not None and checkpoint.name == "step-3"
-    torchrun_train(spec_for(tiny_model_dir, data, devices=2), tmp_path / "one-then-two", "--resume", str(checkpoint))
+    torchrun_train(spec_for(tiny_model_dir, rows, devices=2), tmp_path / "one-then-two", "--resume", str(checkpoint))
     rest = logged(tmp_path / "one-then-two")
     assert sorted(rest) == [4, 5, 6]
     assert [rest[s] for s in (4, 5, 6)] == pytest.approx([r.loss for r in one.steps][3:], rel=1e-5)
@@ -149,6 +178,9 @@ def rank_pids(launcher: int) -> dict[int, int]:
 
 def start_job(service, spec, **env: str) -> tuple[int, subprocess.Popen]:
     """Queue ``spec`` and run it as the worker would, under torchrun (``jobs.launch``); rank 0 claims it."""
+    from jobs.launch import child_command
+    from tests.test_jobs_support import child_env
+
     job_id = service.submit(spec)
     launcher = subprocess.Popen(child_command(job_id, spec.train.devices), cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -177,8 +209,10 @@ def end(launcher: subprocess.Popen, timeout: float) -> str:
     ("SIGTERM", "interrupted", "stopped by SIGTERM"),  # what Worker.stop(terminate_children=True) sends torchrun
     ("SIGKILL", "interrupted", "stopped by the end of torchrun"),  # its ranks, in sessions of their own, stop too
 ])
-def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_model_dir, data, how, status, error):
-    spec = spec_for(tiny_model_dir, data, devices=2, max_steps=200, eval_every=0, save_every=0)
+def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_model_dir, rows, how, status, error):
+    from tests.test_jobs_support import wait_dead, wait_final, wait_for
+
+    spec = spec_for(tiny_model_dir, rows, devices=2, max_steps=200, eval_every=0, save_every=0)
     job_id, launcher = start_job(service, spec, WORKBENCH_TEST_STEP_DELAY="0.2")
     try:
         wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
@@ -193,7 +227,7 @@ def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_mod
     for pid in ranks.values():
         wait_dead(pid)
     assert job["status"] == status and job["result"]["status"] == "stopped", out[-4000:]
-    assert job["error"] == error if error is None else error in job["error"]
+    assert (job["error"] is None) if error is None else (error in job["error"])
     steps = [p["step"] for p in service.metrics(job_id)]
     assert steps == list(range(1, job["progress"]["step"] + 1))  # rank 0 alone wrote, once per step
     assert latest_checkpoint(job["out_dir"]).name == f"step-{job['progress']['step']}"
@@ -202,9 +236,11 @@ def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_mod
 
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0])
-def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service, tiny_model_dir, data, victim):
+def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service, tiny_model_dir, rows, victim):
     """Rank 0 records the death of rank 1; when rank 0 itself is killed, rank 1 records it."""
-    spec = spec_for(tiny_model_dir, data, devices=2, max_steps=200, eval_every=0, save_every=0)
+    from tests.test_jobs_support import wait_for
+
+    spec = spec_for(tiny_model_dir, rows, devices=2, max_steps=200, eval_every=0, save_every=0)
     job_id, launcher = start_job(service, spec, WORKBENCH_TEST_STEP_DELAY="0.2")
     try:
         wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
@@ -214,7 +250,7 @@ def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service
         killed = time.monotonic()
     finally:
         out = end(launcher, 2 * RANK_TIMEOUT_S)
-    assert time.monotonic() - killed < RANK_TIMEOUT_S, "rank 0 waited for the timeout instead of failing at once"
+    assert time.monotonic() - killed < RANK_TIMEOUT_S, "the other rank waited for the timeout, not failing at once"
     assert launcher.returncode != 0
     job = service.get(job_id)
     assert job["status"] == "failed", out[-4000:]
@@ -227,15 +263,15 @@ def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_trains_on_cuda_in_bf16_with_sdpa_and_without_the_cpu_kernels(tiny_model_dir, tmp_path, data):
-    spec = spec_for(tiny_model_dir, data, max_steps=8)
+def test_trains_on_cuda_in_bf16_with_sdpa_and_without_the_cpu_kernels(tiny_model_dir, tmp_path, rows):
+    spec = spec_for(tiny_model_dir, rows, max_steps=8)
     spec.model.device, spec.model.precision = "cuda", "auto"
     rec = Recorder()
     trainer = Trainer(spec, tmp_path / "out", rec)
     trainer.setup()
     try:
         assert trainer.device.type == "cuda" and trainer.dtype == torch.bfloat16
-        assert next(trainer.model.model.layers[0].mlp.parameters()).dtype == torch.bfloat16
+        assert trainer.model.get_input_embeddings().weight.dtype == torch.bfloat16  # the frozen base
         assert trainer.model.config._attn_implementation == "sdpa"
         assert not trainer.parts & CPU_ONLY and "head_loss" in trainer.parts
         result = trainer.train()
@@ -248,8 +284,8 @@ def test_trains_on_cuda_in_bf16_with_sdpa_and_without_the_cpu_kernels(tiny_model
 @pytest.mark.cuda
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_two_gpus_train_like_one(tiny_model_dir, tmp_path, data):
-    spec = spec_for(tiny_model_dir, data)
+def test_two_gpus_train_like_one(tiny_model_dir, tmp_path, rows):
+    spec = spec_for(tiny_model_dir, rows)
     spec.model.device = "cuda"
     one = Recorder()
     train(spec, tmp_path / "one", one)
