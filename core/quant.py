@@ -82,22 +82,22 @@ def nf4_bytes(numel: int) -> int:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> int:
-    """Replace ``layers_to_quantize(model)`` by NF4 ``Linear4bit`` layers on ``device``; return how many.
+def quantize_model(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Replace ``layers_to_quantize(model)`` by NF4 ``Linear4bit`` layers on ``device``.
 
     Each weight is quantised from its values as loaded (the load dtype), one layer at a time, so the
-    process holds at most one dense layer more than the model. Biases stay in the load dtype.
+    process holds at most one dense layer more than the model. Biases are kept as loaded (the layer
+    casts them to the compute dtype when first called).
     """
     bnb = require_bitsandbytes()
-    layers = layers_to_quantize(model)
-    for path, linear in layers:
+    for path, linear in layers_to_quantize(model):
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                               device="meta")
         # On a CPU with AVX-512-bf16 the layer's first forward in eval mode without gradients repacks its
         # weight in place for an inference kernel that has no backward pass: training after a validation
         # would then get no input gradients through the base, and dequantize_4bit cannot read that layout
-        # (DoRA's norms, a merge). Off: one layout, the one every other device uses.
+        # (DoRA's norms). Off: one layout, the one every other device uses.
         q.support_avx512bf16_for_cpu = False
         q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=BLOCKSIZE,
                                      compress_statistics=True, quant_type="nf4", module=q).to(device)
@@ -105,7 +105,6 @@ def quantize_model(model: nn.Module, compute_dtype: torch.dtype, device: torch.d
             q.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, q)
-    return len(layers)
 
 
 def dequantize(module: nn.Module) -> torch.Tensor:

@@ -247,6 +247,23 @@ def test_peft_export_is_the_lora_alone(tiny_model_dir, tmp_path):
 
 
 @needs_bnb
+def test_an_inference_pass_leaves_training_as_it_was(tiny_model_dir):
+    """bitsandbytes repacks a CPU layer for an inference kernel without a backward pass on its first eval
+    call without gradients (where the CPU has AVX-512-bf16); ``core.quant`` turns that off."""
+    models = [core.attach(load_model(settings(tiny_model_dir)).model, adapter("lora")) for _ in range(2)]
+    models[1].load_state_dict(core.adapter_state_dict(models[0]), strict=False)  # the same base, the same A
+    batch = toy_batch()
+    logits(models[0], batch)  # eval, no gradients: a validation pass
+    grads = []
+    for model in models:
+        model.train()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
+        grads.append([p.grad for p in core.adapter_params(model)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@needs_bnb
 def test_no_merge_into_4bit_weights(tiny_model_dir):
     model = core.attach(load_model(settings(tiny_model_dir)).model, adapter("dora"))
     with pytest.raises(ConfigError, match="export the merged model instead"):
