@@ -236,9 +236,6 @@ class AdapterConfig:
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUANTIZATIONS = ("none", "nf4")
-# The methods whose adapters wrap a 4-bit base layer (core.quant): LoRA's family reads the frozen
-# weight only through the layer or its dequantised copy.
-QUANTIZED_METHODS = ("lora", "dora")
 
 
 @dataclass
@@ -259,12 +256,16 @@ class ModelSettings(Settings):
 
 
 def check_quantization(model: ModelSettings, adapter: AdapterConfig) -> None:
-    """A 4-bit base (QLoRA) trains only the methods of ``QUANTIZED_METHODS``: ``ConfigError`` on
-    ``model.quantization`` otherwise."""
-    if model.quantization != "none" and adapter.method not in QUANTIZED_METHODS:
-        raise ConfigError("model.quantization", f"{model.quantization} (QLoRA) trains LoRA or DoRA on a 4-bit base, "
-                                                f"not {adapter.method!r}; choose method lora or dora, or set "
-                                                "quantization to none")
+    """A 4-bit base (QLoRA) trains only the methods whose record says ``quantized_base``: ``ConfigError``
+    on ``model.quantization`` otherwise."""
+    if model.quantization == "none" or _method(adapter.method).quantized_base:
+        return
+    from . import methods
+
+    able = [m.label for m in methods.all() if m.quantized_base]
+    raise ConfigError("model.quantization", f"{model.quantization} (QLoRA) trains {' or '.join(able)} on a 4-bit "
+                                            f"base, not {adapter.method!r}; choose one of those methods, or set "
+                                            "quantization to none")
 
 
 BUILTIN_DATASET = "builtin:math"

@@ -97,7 +97,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def trainable_report(model: nn.Module) -> dict[str, Any]:
     """Trainable parameter count, its share of the base model, and counts per adapter module kind."""
     adapter_ids = {id(p) for p in adapter_params(model)}
-    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
+    base = sum(quant.weight_count(p) for p in model.parameters() if id(p) not in adapter_ids)
     per_kind: dict[str, int] = {}
     for adapter in adapters_of(model):
         kind = type(adapter).__name__

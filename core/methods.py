@@ -111,6 +111,8 @@ class Method:
             or data, for estimates built on the ``meta`` device (prompt tuning: ``init="random"``).
         paper: one of the LLM-Adapters paper's methods: the paper's placement and hyperparameter
             studies, and a study that names no methods, compare these (and only these).
+        quantized_base: trains on a 4-bit base (QLoRA, ``model.quantization``): its modules read the
+            frozen weight only through the base layer or its dequantised copy (``core.quant``).
     """
 
     name: str
@@ -128,6 +130,7 @@ class Method:
     peft: PeftMapping | None = None
     shape_settings: Mapping[str, Any] = field(default_factory=dict)
     paper: bool = False
+    quantized_base: bool = False
 
     @property
     def exports(self) -> tuple[str, ...]:

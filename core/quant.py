@@ -75,6 +75,13 @@ def layers_to_quantize(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return layers
 
 
+def weight_count(param: torch.Tensor) -> int:
+    """The number of weights ``param`` holds: a packed 4-bit ``Params4bit`` stores two per byte, and its
+    ``quant_state`` keeps the original shape."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
+
+
 def nf4_bytes(numel: int) -> int:
     """Bytes of one weight of ``numel`` values in NF4 with double quantisation (see the module docstring)."""
     blocks = math.ceil(numel / BLOCKSIZE)

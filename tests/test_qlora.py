@@ -134,6 +134,9 @@ def test_every_linear_but_the_head_is_4bit(tiny_model_dir):
     w = plain.model.get_submodule(linears[0]).weight.detach()
     q = core.quant.dequantize(model.get_submodule(linears[0]))
     assert 0 < (w - q).abs().mean() < 0.15 * w.abs().mean()
+    core.attach(model, adapter("lora"))
+    core.attach(plain.model, adapter("lora"))
+    assert core.trainable_report(model)["base"] == core.trainable_report(plain.model)["base"]  # packed count twice
 
 
 @needs_bnb

@@ -206,5 +206,5 @@ def draw(s: Mapping[str, Any]) -> Drawing:
 # LoRA's default, so the preset is the defaults. Not in the LLM-Adapters hyperparameter sweep.
 DORA = register(Method(
     name="dora", label="DoRA", settings=DoraSettings, build=build, draw=draw, value_setting="r",
-    placements=lora.LORA.placements, presets={"DoRA": {}}, merges=True, peft=peft_layout,
+    placements=lora.LORA.placements, presets={"DoRA": {}}, merges=True, peft=peft_layout, quantized_base=True,
 ))
