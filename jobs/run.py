@@ -18,13 +18,11 @@ adapter saved) at ``max_steps`` or after ``max_wall_s``. This process is the onl
 model's own Python code may run (``core.sources.allow_remote_code_here``), and only where the server
 and the spec both ask for it.
 
-Under torchrun (``train.devices`` > 1, ``jobs.launch``) every rank runs this module: rank 0 claims the
-job, checks that it may start and tells the others (``Ranks.agree``), then runs it as one process does,
-alone writing progress, metrics, files and the final status. The other ranks train silently
-(``_follow``); a cancel or signal reaches them through rank 0's stop decision at each step (torchrun
-passes a SIGTERM on to every rank, and rank 0 stops once torchrun itself is gone). A rank that fails
-records why, since no other can: the first final status written wins (``only_if``), so a killed rank
-ends the job ``failed`` with that rank named by the rank that lost it (``core.distributed.RankFailure``).
+Under torchrun (``train.devices`` > 1, ``jobs.launch``) every rank runs this: rank 0 claims the job, tells
+the others whether it starts, and runs it as one process does, alone writing progress, metrics, files and
+status; the others train silently and stop at rank 0's decision each step (cancel, a SIGTERM torchrun
+passes on, or torchrun gone). A rank that fails records why (the first final status written wins), so
+a killed rank ends the job ``failed``, named by the rank that lost it (``core.distributed.RankFailure``).
 
 Any exception ends the job ``failed`` with its message and the end of its traceback, after the
 buffered points are written. Two environment variables exist for tests and demos:
@@ -361,8 +359,13 @@ def run_job(service: JobService, job_id: int) -> int:
 
     ranks = distributed.Ranks()
     if distributed.world_size() > 1:
-        spec = JobSpec.from_dict(service.get(job_id)["spec"])
-        ranks = distributed.join(resolve_device(spec.model.device), spec.train.rank_timeout_s)
+        try:
+            spec = JobSpec.from_dict(service.get(job_id)["spec"])
+            ranks = distributed.join(resolve_device(spec.model.device), spec.train.rank_timeout_s)
+        except Exception as err:  # no rank can start: the first to say why is heard
+            error = f"rank {os.environ.get('RANK')} could not start: {type(err).__name__}: {err}"
+            service.finish(job_id, "failed", only_if=MINE, phase=None, error=error[:2000])
+            raise
     try:
         return _lead(service, job_id, ranks) if ranks.main else _follow(service, job_id, ranks)
     finally:

@@ -176,16 +176,13 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return found
 
 
-def start_job(service, spec, **env: str) -> tuple[int, subprocess.Popen]:
-    """Queue ``spec`` and run it as the worker would, under torchrun (``jobs.launch``); rank 0 claims it."""
+def start_job(service, job_id: int, **env: str) -> subprocess.Popen:
+    """Run job ``job_id`` on 2 processes as the worker would (``jobs.launch``); rank 0 claims it if queued."""
     from jobs.launch import child_command
     from tests.test_jobs_support import child_env
 
-    job_id = service.submit(spec)
-    launcher = subprocess.Popen(child_command(job_id, spec.train.devices), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env=child_env(service, OMP_NUM_THREADS="1", **env))
-    return job_id, launcher
+    return subprocess.Popen(child_command(job_id, 2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env=child_env(service, OMP_NUM_THREADS="1", **env))
 
 
 def end(launcher: subprocess.Popen, timeout: float) -> str:
@@ -213,7 +210,8 @@ def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_mod
     from tests.test_jobs_support import wait_dead, wait_final, wait_for
 
     spec = spec_for(tiny_model_dir, rows, devices=2, max_steps=200, eval_every=0, save_every=0)
-    job_id, launcher = start_job(service, spec, WORKBENCH_TEST_STEP_DELAY="0.2")
+    job_id = service.submit(spec)
+    launcher = start_job(service, job_id, WORKBENCH_TEST_STEP_DELAY="0.2")
     try:
         wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
         ranks = rank_pids(launcher.pid)
@@ -241,7 +239,8 @@ def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service
     from tests.test_jobs_support import wait_for
 
     spec = spec_for(tiny_model_dir, rows, devices=2, max_steps=200, eval_every=0, save_every=0)
-    job_id, launcher = start_job(service, spec, WORKBENCH_TEST_STEP_DELAY="0.2")
+    job_id = service.submit(spec)
+    launcher = start_job(service, job_id, WORKBENCH_TEST_STEP_DELAY="0.2")
     try:
         wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
         ranks = rank_pids(launcher.pid)
@@ -256,6 +255,21 @@ def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service
     assert job["status"] == "failed", out[-4000:]
     assert f"rank {victim} (pid {ranks[victim]}) has died; rank {1 - victim} stopped" in job["error"]
     assert 2 <= job["progress"]["step"] < 200
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_ranks_that_cannot_start_fail_the_job_saying_why(service, tiny_model_dir, rows):
+    spec = spec_for(tiny_model_dir, rows, devices=2)
+    spec.model.device = "cuda"
+    job_id = service.submit(spec)
+    assert service.claim(job_id, "tester:1")  # as a worker does before it starts the job's processes
+    launcher = start_job(service, job_id)
+    out = end(launcher, 120)
+    assert launcher.returncode != 0
+    job = service.get(job_id)
+    assert job["status"] == "failed", out[-4000:]
+    assert "could not start: ModelLoadError: device 'cuda' was asked for" in job["error"]
 
 
 # ------------------------------------------------------------------------------------------------------
