@@ -113,6 +113,10 @@ class Method:
             studies, and a study that names no methods, compare these (and only these).
         quantized_base: trains on a 4-bit base (QLoRA, ``model.quantization``): its modules read the
             frozen weight only through the base layer or its dequantised copy (``core.quant``).
+        merge_family: the method a merge of its adapters is saved as (``core.merge``): its saved update
+            is a low-rank ``B A`` (``lora_A``, ``lora_B.<i>``, optionally ``lora_A0``/``lora_B0`` and
+            DoRA's ``lora_magnitude.<i>``) linear in its factors, and adapters merge only within one
+            family. None: the merge lab refuses it (VeRA, (IA)³, bottleneck, prompt methods, LoReFT).
     """
 
     name: str
@@ -131,6 +135,7 @@ class Method:
     shape_settings: Mapping[str, Any] = field(default_factory=dict)
     paper: bool = False
     quantized_base: bool = False
+    merge_family: str | None = None
 
     @property
     def exports(self) -> tuple[str, ...]:

@@ -207,4 +207,5 @@ def draw(s: Mapping[str, Any]) -> Drawing:
 DORA = register(Method(
     name="dora", label="DoRA", settings=DoraSettings, build=build, draw=draw, value_setting="r",
     placements=lora.LORA.placements, presets={"DoRA": {}}, merges=True, peft=peft_layout, quantized_base=True,
+    merge_family="dora",
 ))

@@ -437,6 +437,7 @@ LORA = register(Method(
     placements=Placements({"attn": {"targets": ["q", "k", "v", "o"]}, "mlp": {"targets": ["up", "down"]},
                            "both": {"targets": ["q", "k", "v", "o", "up", "down"]}}, default="both"),
     sweep=lambda hidden: [4, 8, 16, 32], merges=True, peft=peft_layout, quantized_base=True,
+    merge_family="lora",
     presets={
         "LoRA": {},
         # Kalajdzievski (2023): LoRA's placement, the scale alpha / sqrt(r).

@@ -1,0 +1,225 @@
+"""Merge lab: each merge method against a direct implementation of its formula on tiny models, cat
+against running the parents at once, DoRA magnitudes, refusals; the merge job, the CLI and the tab."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import core
+from core import AdapterConfig
+from core.fields import ConfigError
+from core.inject import adapters_of
+from core.merge import MergeSettings, delta_norms, estimate, mask_generator, merge_adapters
+from tests.tiny import tiny_model, toy_batch
+
+DENSE = ["linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+
+
+def trained(tmp: Path, name: str, method: str = "lora", arch: str = "llama", seed: int = 0, **settings) -> Path:
+    """An adapter with random non-zero factors (as if trained), saved under ``tmp/name``."""
+    model = tiny_model(arch)
+    family = {"r": 2, "alpha": 4.0, "dropout": 0.0} if method in ("lora", "dora") else {}
+    core.attach(model, AdapterConfig.for_method(method, **{**family, **settings}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in core.adapter_params(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return core.save_adapter(model, tmp / name)
+
+
+def deltas(directory: Path, arch: str = "llama") -> dict[str, torch.Tensor]:
+    """The dense update of every module, read by loading the adapter on the tiny model (LoRA's own code)."""
+    model = core.load_adapter(tiny_model(arch), directory)
+    return {path: a.lora_delta().detach() for path, a in _items(model)}
+
+
+def _items(model):
+    return [(n, m) for n, m in model.named_modules() if m in adapters_of(model)]
+
+
+def best_rank(m: torch.Tensor, r: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+
+
+def reference(method: str, ds: list[torch.Tensor], w: list[float], path: str, density=0.3, drop=0.4, seed=7):
+    """Each method's formula written out on whole tensors, one line of maths at a time."""
+    if method in ("linear", "svd"):
+        return sum(wi * d for wi, d in zip(w, ds))
+    if method in ("ties", "magnitude_prune"):
+        tasks = []
+        for d in ds:
+            k = int(density * d.numel())
+            threshold = d.abs().flatten().sort(descending=True).values[k - 1]
+            tasks.append(torch.where(d.abs() >= threshold, d, torch.zeros_like(d)))
+    else:
+        tasks = [d * (torch.rand(d.shape, generator=mask_generator(seed, path, 0, i)) >= drop) / (1 - drop)
+                 for i, d in enumerate(ds)]
+    weighted = [wi * t for wi, t in zip(w, tasks)]
+    if method in ("dare_linear", "magnitude_prune"):
+        return sum(weighted)
+    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
+    total, count = torch.zeros_like(ds[0]), torch.zeros_like(ds[0])
+    for t in weighted:
+        agree = (torch.sign(t) == elected).float()
+        total += t * agree
+        count += agree
+    return total / count.clamp_min(1)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parents")
+    return [trained(tmp, "a", seed=1), trained(tmp, "b", seed=2, rslora=True)]
+
+
+@pytest.mark.parametrize("method", DENSE)
+def test_dense_methods_equal_their_formula(pair, tmp_path, method):
+    w = [0.7, -0.4] if method in ("linear", "svd", "dare_linear") else [0.7, 0.4]
+    full = 32  # every tiny module has min(out, in) = 32: rank 32 is exact
+    settings = MergeSettings(method=method, weights=w, rank=full, density=0.3, drop=0.4, seed=7)
+    result = merge_adapters(pair, tmp_path / "m", settings)
+    assert result.rank == full and result.energy == pytest.approx(1.0, abs=1e-6)
+    parents = [deltas(p) for p in pair]
+    merged = deltas(tmp_path / "m")
+    assert set(merged) == set(parents[0])
+    for path, got in merged.items():
+        want = reference(method, [p[path] for p in parents], w, path)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_truncation_is_the_best_rank_r_approximation_and_reports_its_energy(pair, tmp_path):
+    result = merge_adapters(pair, tmp_path / "m", MergeSettings(method="ties", weights=[1.0, 1.0], rank=3,
+                                                                density=0.5))
+    parents = [deltas(p) for p in pair]
+    merged = deltas(tmp_path / "m")
+    kept = total = 0.0
+    for path, got in merged.items():
+        m = reference("ties", [p[path] for p in parents], [1.0, 1.0], path, density=0.5)
+        torch.testing.assert_close(got, best_rank(m, 3), rtol=1e-4, atol=1e-5)
+        s = torch.linalg.svdvals(m).double() ** 2
+        kept, total = kept + float(s[:3].sum()), total + float(s.sum())
+        assert result.module_energy[path] == pytest.approx(float(s[:3].sum() / s.sum()), rel=1e-5)
+    assert result.energy == pytest.approx(kept / total, rel=1e-5) and result.energy < 0.99
+    assert core.read_adapter_config(tmp_path / "m")["adapter"]["settings"]["r"] == 3
+
+
+def test_dare_masks_are_seeded_and_drop_about_p(pair, tmp_path):
+    runs = {}
+    for name, seed in [("x", 3), ("y", 3), ("z", 4)]:
+        merge_adapters(pair, tmp_path / name, MergeSettings(method="dare_linear", weights=[1.0, 0.0], rank=32,
+                                                            drop=0.5, seed=seed))
+        runs[name] = deltas(tmp_path / name)
+    path = "model.layers.0.mlp.up_proj"
+    assert torch.equal(runs["x"][path], runs["y"][path]) and not torch.equal(runs["x"][path], runs["z"][path])
+    parent = deltas(pair[0])[path]
+    kept = runs["x"][path].abs() > 1e-4  # the rank-32 SVD leaves dropped entries at rounding level
+    assert 0.4 < kept.float().mean() < 0.6
+    torch.testing.assert_close(runs["x"][path], torch.where(kept, 2 * parent, 0.0), rtol=1e-3, atol=1e-4)
+
+
+def test_cat_runs_as_both_adapters_at_once(pair, tmp_path):
+    result = merge_adapters(pair, tmp_path / "cat", MergeSettings(method="cat", weights=[1.0, 1.0]))
+    assert result.rank == 4 and result.energy == 1.0
+    both = core.load_adapter(tiny_model("llama"), pair[0])
+    for path, a in _items(both):  # fold the first adapter into the base for good, then add the second
+        parent, _, name = path.rpartition(".")
+        setattr(both.get_submodule(parent), name, a.fold())
+    del both.adapter_config
+    core.load_adapter(both, pair[1])
+    merged = core.load_adapter(tiny_model("llama"), tmp_path / "cat")
+    batch = toy_batch()
+    with torch.no_grad():
+        want = both(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cat_weights_scale_each_update_and_fused_pissa_parents_merge(tmp_path):
+    parents = [trained(tmp_path, "g1", arch="gpt2", seed=1, targets=["q", "v", "up"]),
+               trained(tmp_path, "g2", arch="gpt2", seed=2, targets=["q", "v", "up"], init="pissa")]
+    for method in ("cat", "linear"):
+        rank = None if method == "cat" else 32
+        merge_adapters(parents, tmp_path / method, MergeSettings(method=method, weights=[0.5, 2.0], rank=rank))
+        ds = [deltas(p, "gpt2") for p in parents]
+        for path, got in deltas(tmp_path / method, "gpt2").items():
+            torch.testing.assert_close(got, 0.5 * ds[0][path] + 2.0 * ds[1][path], rtol=1e-4, atol=1e-5)
+    assert core.read_adapter_config(tmp_path / "cat")["adapter"]["settings"]["r"] == 2 + 4  # PiSSA: rank 2r
+
+
+def test_dora_magnitudes_are_averaged_by_the_weights(tmp_path):
+    parents = [trained(tmp_path, "d1", "dora", seed=1), trained(tmp_path, "d2", "dora", seed=2)]
+    merge_adapters(parents, tmp_path / "m", MergeSettings(method="linear", weights=[3.0, 1.0], rank=32))
+    models = [core.load_adapter(tiny_model("llama"), d) for d in [*parents, tmp_path / "m"]]
+    assert core.read_adapter_config(tmp_path / "m")["adapter"]["method"] == "dora"
+    for (path, a), (_, b), (_, m) in zip(*(_items(x) for x in models)):
+        torch.testing.assert_close(m.magnitude_vector(), (3 * a.magnitude_vector() + b.magnitude_vector()) / 4)
+        torch.testing.assert_close(m.lora_delta(), 3 * a.lora_delta() + b.lora_delta(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_result_loads_exports_and_merges_again(pair, tmp_path):
+    merge_adapters(pair, tmp_path / "m", MergeSettings(method="ties", weights=[0.5, 0.5], rank=4))
+    model = core.load_adapter(tiny_model("llama"), tmp_path / "m")
+    peft_dir = core.export_peft(model, tmp_path / "peft")
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["r"] == 4
+    again = merge_adapters([tmp_path / "m", pair[0]], tmp_path / "m2", MergeSettings(method="cat", weights=[1, 1]))
+    assert again.rank == 4 + 2
+    ds = [deltas(tmp_path / "m"), deltas(pair[0])]
+    for path, got in deltas(tmp_path / "m2").items():
+        torch.testing.assert_close(got, ds[0][path] + ds[1][path], rtol=1e-4, atol=1e-5)
+
+
+def test_ties_and_magnitude_prune_match_peft_with_equal_weights(pair, tmp_path):
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    parents = [deltas(p) for p in pair]
+    w = torch.tensor([0.5, 0.5])
+    for method, peft_fn in [("ties", merge_utils.ties), ("magnitude_prune", merge_utils.magnitude_prune)]:
+        merge_adapters(pair, tmp_path / method, MergeSettings(method=method, weights=[0.5, 0.5], rank=32,
+                                                              density=0.3))
+        for path, got in deltas(tmp_path / method).items():
+            want = peft_fn([p[path] for p in parents], w, 0.3)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_delta_norms_and_estimate_come_from_the_files(pair):
+    table = delta_norms(pair[0])
+    ds = deltas(pair[0])
+    assert table["layers"] == [0, 1] and "self_attn.q_proj" in table["modules"] and table["rank"] == 2
+    for layer in table["layers"]:
+        for module, norm in zip(table["modules"], table["norms"][layer]):
+            assert norm == pytest.approx(float(ds[f"model.layers.{layer}.{module}"].norm()), rel=1e-4)
+    est = estimate(pair, "ties", rank=8)
+    assert est["rank"] == 8 and est["params"] == sum(8 * sum(d.shape) for d in ds.values())
+    assert estimate(pair, "cat")["rank"] == 4
+
+
+def test_refusals_name_the_adapter_and_the_reason(pair, tmp_path):
+    vera = trained(tmp_path, "vera", "vera", r=4)
+    with pytest.raises(ConfigError, match=r"job 9 is a VeRA adapter, which cannot be merged"):
+        merge_adapters([pair[0], vera], tmp_path / "x", MergeSettings("linear", [1, 1]), names=["job 8", "job 9"])
+    other = trained(tmp_path, "other", targets=["q", "v"])
+    with pytest.raises(ConfigError, match=r"cannot merge job 2: it adapts other modules"):
+        merge_adapters([pair[0], other], tmp_path / "x", MergeSettings("linear", [1, 1]), names=["job 1", "job 2"])
+    dora = trained(tmp_path, "dora", "dora")
+    with pytest.raises(ConfigError, match=r"cannot merge .*dora: it is DoRA, .* is LoRA"):
+        merge_adapters([pair[0], dora], tmp_path / "x", MergeSettings("linear", [1, 1]))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    meta = core.read_adapter_config(pair[1])
+    (moved / "adapter_config.json").write_text(json.dumps({**meta, "base_model": "someone/else"}))
+    (moved / "adapter.safetensors").write_bytes((pair[1] / "adapter.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=r"trained on base model 'someone/else'"):
+        merge_adapters([pair[0], moved], tmp_path / "x", MergeSettings("linear", [1, 1]))
+    for bad, field in [(dict(weights=[1.0]), "weights"), (dict(weights=[1, float("nan")]), "weights"),
+                       (dict(weights=[0, 0]), "weights"), (dict(density=0.0), "density"),
+                       (dict(drop=1.0), "drop"), (dict(method="cat", rank=4), "rank"),
+                       (dict(method="mean"), "method"), (dict(rank=0), "rank")]:
+        settings = MergeSettings(**{"method": "ties", "weights": [1, 1], **bad})
+        with pytest.raises(ConfigError) as err:
+            merge_adapters(pair, tmp_path / "x", settings)
+        assert err.value.field == field
+    assert not (tmp_path / "x").exists()
