@@ -379,6 +379,14 @@ def _m5_workers(conn: Connection) -> None:
             device=device if device in ("auto", "cpu", "cuda") else "auto", processes=processes(spec)))
 
 
+def _m6_arena(conn: Connection) -> None:
+    """Version 6: the blind arena's pools and votes."""
+    from .schema import ArenaPool, ArenaVote
+
+    ArenaPool.__table__.create(conn, checkfirst=True)
+    ArenaVote.__table__.create(conn, checkfirst=True)
+
+
 # (version, description, function taking a Connection inside a transaction), in order.
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: jobs, metric_points, evaluations, eval_samples", _m1_initial),
@@ -386,6 +394,7 @@ MIGRATIONS: list[Migration] = [
     (3, "owners and uploads", _m3_owners),
     (4, "metric names of core.metrics", _m4_metric_names),
     (5, "workers, and what each job needs to run", _m5_workers),
+    (6, "arena pools and votes", _m6_arena),
 ]
 
 

@@ -189,3 +189,41 @@ class WorkerRecord(Base):
     started_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)     # the database's clock (jobs.db.db_now)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, index=True)
     stopped_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)  # a clean exit
+
+
+class ArenaPool(Base):
+    """A set of models (``job:<id>`` / ``base:<name>`` keys) that the blind arena pits against each other.
+    Its owner votes in it; an admin may share it, and then every visitor may vote in it too."""
+
+    __tablename__ = "arena_pools"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(100), default="")
+    owner: Mapped[str] = mapped_column(sa.String(200), index=True)
+    models: Mapped[list[Any]] = mapped_column(sa.JSON, default=list)
+    shared: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
+
+
+class ArenaVote(Base):
+    """One blind battle of a pool: the prompt, the two anonymised models and their answers, the settings
+    both answered with, and the vote (NULL until the voter votes; only voted rows count and export)."""
+
+    __tablename__ = "arena_votes"
+    __table_args__ = (sa.Index("ix_arena_votes_voter_created", "voter", "created_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pool_id: Mapped[int] = mapped_column(sa.ForeignKey("arena_pools.id", ondelete="CASCADE"), index=True)
+    voter: Mapped[str] = mapped_column(sa.String(200))   # core.deployment.Actor.name of who battled and voted
+    prompt: Mapped[str] = mapped_column(sa.Text)
+    source: Mapped[str | None] = mapped_column(sa.String(200))   # a benchmark's name, None for a typed prompt
+    example: Mapped[int | None] = mapped_column(sa.Integer)       # the benchmark example's index
+    gold: Mapped[str | None] = mapped_column(sa.Text)             # its correct answer (shown after the vote)
+    model_a: Mapped[str] = mapped_column(sa.String(600))
+    model_b: Mapped[str] = mapped_column(sa.String(600))
+    answer_a: Mapped[str | None] = mapped_column(sa.Text)         # NULL until generated
+    answer_b: Mapped[str | None] = mapped_column(sa.Text)
+    settings: Mapped[dict[str, Any]] = mapped_column(sa.JSON)    # max_new_tokens (as capped), temperature, top_p
+    vote: Mapped[str | None] = mapped_column(sa.String(16))       # core.arena.VOTES
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
+    voted_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)

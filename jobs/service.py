@@ -12,8 +12,8 @@ where it runs, and ``FilesNotHere`` says which worker and host a job ran on when
 
 This module holds the jobs themselves (submit, read, control, the worker's side). ``JobService``
 inherits the rest of the API from one mixin per concern: ``checks`` (what a spec may ask for),
-``artifacts`` (exports), ``evaluations``, ``uploads`` (and chat limits), ``compare``, ``studies`` and
-``workers`` (the registry, claims by capability, leases).
+``artifacts`` (exports), ``evaluations``, ``uploads`` (and chat limits), ``compare``, ``studies``,
+``workers`` (the registry, claims by capability, leases) and ``arena`` (the blind arena's pools and votes).
 Who may see and do what (owner, quotas) is ``access.ServiceBase``, which they all share; the
 exceptions are in ``errors``.
 """
@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import sqlalchemy as sa
 
+from .arena import ArenaAPI
 from .artifacts import ArtifactsAPI
 from .checks import SpecChecksAPI
 from .compare import ComparisonAPI
@@ -102,7 +103,8 @@ def checkpoint_step(path: str | Path | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, ComparisonAPI, StudiesAPI, WorkersAPI):
+class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, ComparisonAPI, StudiesAPI, WorkersAPI,
+                 ArenaAPI):
     """Jobs in one database (``url``; default ``$WORKBENCH_DB_URL`` or ``$WORKBENCH_HOME/workbench.db``).
 
     ``home`` is where job directories are made (default ``$WORKBENCH_HOME``); ``deployment`` and

@@ -4,6 +4,7 @@ service's checks on SQLite and PostgreSQL, and the Arena tab's handlers generati
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,209 @@ def test_pairing_favours_few_votes_and_close_ratings():
     assert 120 < sides.count(0) < 280  # which side a model gets is random
     with pytest.raises(ArenaError, match="two models"):
         arena.choose_pair(np.zeros((1, 1)), np.array([1000.0]), rng)
+
+
+# ------------------------------------------------------------------------------- storage, service
+
+from core.config import DEFAULT_MODEL  # noqa: E402
+from core.deployment import LOCAL_USER, Actor, Deployment  # noqa: E402
+from jobs import arena as arena_api  # noqa: E402
+from jobs import db as jobs_db  # noqa: E402
+from jobs.errors import JobError, JobNotFound, QuotaError  # noqa: E402
+from jobs.schema import ArenaVote  # noqa: E402
+from jobs.service import JobService  # noqa: E402
+from tests.test_jobs_support import make_service, tiny_spec  # noqa: E402
+
+ALICE, BOB, ROOT = Actor("anon:alice0000000000"), Actor("anon:bob000000000000"), Actor("hf:root", admin=True)
+QUICK = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0}
+
+
+@pytest.fixture(scope="module")
+def two_tiny(tiny_model_dir, tmp_path_factory):
+    """Two base models: the tiny checkpoint and a copy in another folder (two keys, two contestants)."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("tiny-copy") / "tiny-b"
+    shutil.copytree(tiny_model_dir, copy)
+    return [f"base:{tiny_model_dir}", f"base:{copy}"]
+
+
+@pytest.fixture
+def public_db(db_url, tmp_path):
+    svc = JobService(db_url, home=tmp_path / "home", deployment=Deployment.for_mode("public"))
+    yield svc
+    svc.close()
+
+
+def finished_job(service: JobService, owner: JobService, model_dir, data) -> int:
+    """A succeeded training job of ``owner`` with an adapter file on disk (made without training)."""
+    spec = tiny_spec(model_dir, data)
+    spec.model.name = DEFAULT_MODEL
+    spec.data.source = "builtin:math"
+    job_id = owner.submit(spec)
+    adapter = Path(service.get(job_id)["out_dir"]) / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    service.finish(job_id, "succeeded", only_if=None)
+    return job_id
+
+
+def answered(service: JobService, battle_id: int, a: str = "4", b: str = "5") -> None:
+    """Answers written directly (for the checks that need no model)."""
+    with service.db.write() as s:
+        row = s.get(ArenaVote, battle_id)
+        row.answer_a, row.answer_b = a, b
+
+
+def test_migration_6_adds_the_arena_tables(db_url):
+    import sqlalchemy as sa
+
+    engine = jobs_db.make_engine(db_url)
+    jobs_db.migrate(engine, jobs_db.MIGRATIONS[:5])
+    with engine.begin() as conn:  # today's models stamped 5: take version 6's tables away
+        conn.exec_driver_sql("DROP TABLE arena_votes")
+        conn.exec_driver_sql("DROP TABLE arena_pools")
+    engine.dispose()
+    svc = JobService(db_url)
+    try:
+        with svc.db.engine.connect() as conn:
+            assert jobs_db.schema_version(conn) == 6
+            assert {"arena_pools", "arena_votes"} <= set(sa.inspect(conn).get_table_names())
+        assert svc.list_arena_pools() == []
+    finally:
+        svc.close()
+
+
+def test_a_battle_is_generated_voted_revealed_and_exported(db_url, tmp_path, two_tiny):
+    service = make_service(tmp_path, db_url).scoped(LOCAL_USER)
+    pool = service.create_arena_pool("tiny pair", two_tiny)
+    battle = service.start_battle(pool, "=HYPERLINK(\"x\") What is 2 + 2?", settings=QUICK)
+    assert set(battle) == {"id", "pool_id", "prompt", "source", "settings", "answered", "vote"}  # models hidden
+    with pytest.raises(JobError, match="no answers yet"):
+        service.vote_battle(battle["id"], "a")
+    steps = list(service.battle_answers(battle["id"]))
+    assert len(steps) >= 2 and all(isinstance(x, str) for x in steps[-1])
+    with pytest.raises(JobError, match="answered already"):
+        next(service.battle_answers(battle["id"]))
+    revealed = service.vote_battle(battle["id"], "a")
+    assert {revealed["model_a"], revealed["model_b"]} == set(two_tiny)
+    assert revealed["label_a"].startswith("base: ") and revealed["correct_a"] is None  # a typed prompt: no gold
+    assert (revealed["answer_a"], revealed["answer_b"]) == steps[-1]
+    with pytest.raises(JobError, match="has its vote already"):
+        service.vote_battle(battle["id"], "b")
+    [vote] = service.arena_votes(pool)
+    assert vote["voter"] == "local" and vote["vote"] == "a" and vote["prompt"].startswith("=HYPERLINK")
+    assert vote["max_new_tokens"] == 4 and vote["temperature"] == 0.0 and vote["voted_at"]
+    board = service.arena_leaderboard(pool, n_boot=50)
+    assert board["n_votes"] == 1 and board["rows"][0]["key"] == revealed["model_a"]
+    assert board["rows"][0]["rating"] > 1000 > board["rows"][1]["rating"]
+    import csv
+    import io
+    import json
+
+    [row] = list(csv.DictReader(io.StringIO(service.arena_votes_csv(pool))))
+    assert row["prompt"].startswith("'=HYPERLINK")  # a spreadsheet shows it, does not run it
+    assert row["vote"] == "a" and row["model_a"] == revealed["model_a"] and row["voter"] == "local"
+    [line] = [json.loads(x) for x in service.arena_votes_jsonl(pool).splitlines()]
+    assert line["prompt"] == vote["prompt"] and line["answer_b"] == revealed["answer_b"]
+    assert list(line) == list(arena_api.EXPORT_COLUMNS)
+    service.close()
+
+
+def test_a_benchmark_prompt_reveals_its_gold_answer(tmp_path, two_tiny):
+    service = make_service(tmp_path).scoped(LOCAL_USER)
+    pool = service.create_arena_pool("p", two_tiny)
+    assert "builtin:math" in service.arena_benchmarks()
+    battle = service.start_battle(pool, benchmark="builtin:math", settings=QUICK)
+    assert battle["source"] == "builtin:math" and battle["prompt"] and "gold" not in battle
+    answered(service, battle["id"], "The answer is 0.5", "nothing")
+    revealed = service.vote_battle(battle["id"], "both_bad")
+    assert revealed["gold"] is not None and revealed["correct_b"] is False
+    with pytest.raises(JobError, match="unknown benchmark"):
+        service.start_battle(pool, benchmark="/etc/passwd", settings=QUICK)
+    service.close()
+
+
+def test_pools_are_their_owners_unless_an_admin_shares_them(public_db, tiny_model_dir, data):
+    alice, bob, root = (public_db.scoped(a) for a in (ALICE, BOB, ROOT))
+    job = finished_job(public_db, alice, tiny_model_dir, data)
+    models = [f"job:{job}", f"base:{DEFAULT_MODEL}"]
+    with pytest.raises(JobNotFound):
+        bob.create_arena_pool("steal", models)  # alice's job is not bob's to pit
+    with pytest.raises(PermissionError, match="admin"):
+        alice.create_arena_pool("mine", models, shared=True)
+    pool = alice.create_arena_pool("mine", models)
+    assert [p["id"] for p in alice.list_arena_pools()] == [pool] and bob.list_arena_pools() == []
+    for action in (bob.get_arena_pool, bob.arena_votes, bob.arena_leaderboard, bob.arena_votes_csv,
+                   bob.delete_arena_pool, lambda p: bob.start_battle(p, "hi", settings=QUICK)):
+        with pytest.raises(JobNotFound, match=f"no arena pool {pool}"):
+            action(pool)
+    with pytest.raises(PermissionError):
+        alice.share_arena_pool(pool)
+    root.share_arena_pool(pool)
+    assert [p["id"] for p in bob.list_arena_pools()] == [pool]
+    battle = bob.start_battle(pool, "What is 1 + 1?", settings=QUICK)
+    with pytest.raises(JobNotFound, match="no battle"):
+        alice.vote_battle(battle["id"], "a")  # only the one who battled votes
+    answered(public_db, battle["id"])
+    bob.vote_battle(battle["id"], "tie")
+    assert [v["voter"] for v in alice.arena_votes(pool)] == ["another voter"]  # other visitors stay anonymous
+    assert [v["voter"] for v in bob.arena_votes(pool)] == [BOB.name] and root.arena_votes(pool)[0]["voter"] == BOB.name
+    with pytest.raises(PermissionError, match="not yours"):
+        bob.delete_arena_pool(pool)
+    root.share_arena_pool(pool, False)
+    with pytest.raises(JobNotFound):
+        bob.vote_battle(battle["id"], "a")  # unshared: bob's battles there are closed too
+    alice.delete_arena_pool(pool)
+    assert root.list_arena_pools() == []
+
+
+@pytest.mark.parametrize("pool_id", ["1 OR 1=1", -1, True, 10**30, None, 1.5, [1]])
+def test_bad_pool_ids_are_not_found(public_db, pool_id):
+    with pytest.raises(JobNotFound):
+        public_db.scoped(ALICE).start_battle(pool_id, "hi", settings=QUICK)
+
+
+def test_what_a_visitor_sends_is_checked(public_db, tiny_model_dir, data):
+    alice = public_db.scoped(ALICE)
+    job = finished_job(public_db, alice, tiny_model_dir, data)
+    for models, message in [(["job:1"], "2 to"), ("job:1,job:2", "list of model keys"),
+                            ([f"job:{job}", "job:abc"], "unknown model"), ([f"job:{job}", "base:/etc"], "models"),
+                            ([f"job:{job}", "base:" + "x" * 700], "too long"),
+                            ([f"base:m{i}" for i in range(20)], "2 to 16")]:
+        with pytest.raises((JobError, ValueError), match=message):
+            alice.create_arena_pool("p", models)
+    pool = alice.create_arena_pool("p", [f"job:{job}", f"base:{DEFAULT_MODEL}"])
+    with pytest.raises(JobError, match="at most 4,000"):
+        alice.start_battle(pool, "x" * 4001, settings=QUICK)
+    with pytest.raises(JobError, match="type a prompt"):
+        alice.start_battle(pool, "   ", settings=QUICK)
+    for settings in ({"temperature": float("nan")}, {"max_new_tokens": "9"}, {"top_p": 0}):
+        with pytest.raises(JobError):
+            alice.start_battle(pool, "hi", settings=settings)
+    big = alice.start_battle(pool, "hi", settings={"max_new_tokens": 100_000})
+    assert big["settings"]["max_new_tokens"] == public_db.deployment.limits.chat_new_tokens  # chat's cap
+    answered(public_db, big["id"])
+    for vote in ("A", "", None, ["a"], "a; drop table"):
+        with pytest.raises(JobError, match="vote must be one of"):
+            alice.vote_battle(big["id"], vote)
+    with public_db.scoped(ALICE).generation_slot():  # one answer at a time per visitor, as in chat
+        other = alice.start_battle(pool, "hi", settings=QUICK)
+        with pytest.raises(QuotaError, match="one answer at a time"):
+            next(alice.battle_answers(other["id"]))
+    assert arena_api.MAX_PROMPT_CHARS == __import__("app.chat_tab").chat_tab.MAX_QUESTION_CHARS
+
+
+def test_battles_are_rate_limited_per_visitor(public_db, tiny_model_dir, data, monkeypatch):
+    monkeypatch.setitem(arena_api.BATTLE_RATE, "public", (3, 600.0))
+    alice, bob, root = (public_db.scoped(a) for a in (ALICE, BOB, ROOT))
+    job = finished_job(public_db, alice, tiny_model_dir, data)
+    pool = alice.create_arena_pool("p", [f"job:{job}", f"base:{DEFAULT_MODEL}"])
+    root.share_arena_pool(pool)
+    for _ in range(3):
+        alice.start_battle(pool, "hi", settings=QUICK)
+    with pytest.raises(QuotaError, match="3 battles in the last 10 minutes"):
+        alice.start_battle(pool, "hi", settings=QUICK)
+    bob.start_battle(pool, "hi", settings=QUICK)  # per visitor: bob is not held back by alice
+    for _ in range(4):
+        root.start_battle(pool, "hi", settings=QUICK)  # admins are not limited
