@@ -228,3 +228,42 @@ def study_params_scatter(configs: Sequence[dict[str, Any]]) -> go.Figure:
                       xaxis=dict(title="trainable parameters", type="log"),
                       yaxis=dict(title="accuracy (%)", range=[0, 105]))
     return fig
+
+
+def arena_ratings_figure(rows: Sequence[dict[str, Any]], level: float = 0.95) -> go.Figure:
+    """The arena leaderboard: each model's rating (best first) with its bootstrap interval, the pool mean
+    (1000) dashed. ``rows`` are ``JobService.arena_leaderboard``'s (label, rating, lower, upper, votes)."""
+    if not rows:
+        return empty_figure("No models in this pool")
+    labels = [r["label"] for r in rows]
+    fig = go.Figure(go.Scatter(
+        x=labels, y=[r["rating"] for r in rows], mode="markers",
+        marker=dict(size=12, color=PALETTE[0], line=dict(width=1, color="#1e293b")),
+        error_y=dict(type="data", symmetric=False, visible=True,
+                     array=[r["upper"] - r["rating"] for r in rows],
+                     arrayminus=[r["rating"] - r["lower"] for r in rows]),
+        customdata=[[r["lower"], r["upper"], r["votes"]] for r in rows],
+        hovertemplate="%{x}<br>rating %{y:.0f} [%{customdata[0]:.0f}, %{customdata[1]:.0f}]"
+                      "<br>%{customdata[2]} votes<extra></extra>"))
+    fig.add_hline(y=1000, line=dict(color="#94a3b8", dash="dash"))
+    fig.update_layout(**LAYOUT, showlegend=False,
+                      title=dict(text=f"ratings with {100 * level:.0f}% intervals", x=0.5, y=0.98),
+                      xaxis=dict(title="", type="category"), yaxis=dict(title="rating (pool mean 1000)"))
+    return fig
+
+
+def arena_win_rate_figure(labels: Sequence[str], win_rate: Sequence[Sequence[float | None]],
+                          games: Sequence[Sequence[int]]) -> go.Figure:
+    """Heat map of the mean score of each row model against each column model (ties half), with counts."""
+    if not labels:
+        return empty_figure("No models in this pool")
+    pct = [[None if x is None else 100 * x for x in row] for row in win_rate]
+    text = [[("" if x is None else f"{x:.0f}%") + (f"<br>{n}" if n else "") for x, n in zip(row, counts)]
+            for row, counts in zip(pct, games)]
+    fig = go.Figure(go.Heatmap(
+        z=pct, x=list(labels), y=list(labels), zmin=0, zmax=100, colorscale="RdBu", text=text,
+        texttemplate="%{text}", hovertemplate="%{y} against %{x}: %{z:.0f}%<extra></extra>",
+        colorbar=dict(title="score %")))
+    fig.update_layout(**LAYOUT, title=dict(text="win rate of row against column (battles below)", x=0.5, y=0.98),
+                      xaxis=dict(type="category"), yaxis=dict(type="category", autorange="reversed"))
+    return fig

@@ -1,4 +1,4 @@
-"""The page: five tabs (Train, Jobs, Chat, Compare, Study) wired to one ``JobService``.
+"""The page: six tabs (Train, Jobs, Chat, Compare, Study, Arena) wired to one ``JobService``.
 
 ``build_demo(service, deployment)`` draws the header (the mode and who you are) and the tabs and the
 few links between them (Launch jumps to the job; Clone fills the Train tab). The tabs never see the
@@ -21,13 +21,13 @@ from core.deployment import LOCAL_USER, Deployment
 from core.deployment import current as current_deployment
 from core.deployment import using
 
-from . import chat_tab, compare_tab, jobs_tab, study_tab, train_tab
+from . import arena_tab, chat_tab, compare_tab, jobs_tab, study_tab, train_tab
 from .auth import BUILD_ACTOR, Identify, ScopedService, acting_as, current_actor, identity_line, protect
 from .logins import Logins, load_logins
 from .visitors import LOGIN_FAILURES, LOGIN_WINDOW_S, LoginRateLimiter, middleware_for
 from .common import CSS, error_text, warn
 
-TRAIN, JOBS, CHAT, COMPARE, STUDY = "train", "jobs", "chat", "compare", "study"
+TRAIN, JOBS, CHAT, COMPARE, STUDY, ARENA = "train", "jobs", "chat", "compare", "study", "arena"
 TITLE = "Adapter Workbench"
 MAX_UPLOAD = "50mb"
 
@@ -176,10 +176,12 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
                 compare = compare_tab.build_compare_tab(service)
             with gr.Tab("Study", id=STUDY) as study_item:
                 study = study_tab.build_study_tab(service, train)
+            with gr.Tab("Arena", id=ARENA) as arena_item:
+                arena = arena_tab.build_arena_tab(service)
 
         timers = [jobs.timer, compare.timer]
         tab_items = [(train_item, TRAIN), (jobs_item, JOBS), (chat_item, CHAT), (compare_item, COMPARE),
-                     (study_item, STUDY)]
+                     (study_item, STUDY), (arena_item, ARENA)]
         for item, name in tab_items:
             item.select(lambda name=name: timers_for(name), None, timers, queue=False, show_progress="hidden")
             # the Study timer polls only while its tab is shown (kept apart: ``timers_for`` is the Jobs/Compare pair)
@@ -226,9 +228,15 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
         demo.load(compare_models, compare.models, compare.models).then(
             compare_results, compare_inputs, compare.result_outputs)
         demo.load(lambda: whoami(deployment), None, who, show_progress="hidden")
+        arena_refresh = safe(lambda p, m: arena_tab.refresh(service, p, m), 3)
+        arena_board = safe(lambda p: arena_tab.leaderboard(service, p), 4)
+        arena_item.select(arena_refresh, [arena.pool, arena.new_models], arena.refresh_outputs,
+                          show_progress="hidden").then(arena_board, arena.pool, arena.board_outputs)
+        demo.load(arena_refresh, [arena.pool, arena.new_models], arena.refresh_outputs).then(
+            arena_board, arena.pool, arena.board_outputs)
     demo.queue(default_concurrency_limit=4)
     demo.workbench = {"train": train, "jobs": jobs, "chat": chat, "compare": compare, "study": study,
-                      "tabs": tabs, "who": who}
+                      "arena": arena, "tabs": tabs, "who": who}
     protect(demo, deployment, identify)
     return demo
 

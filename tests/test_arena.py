@@ -364,3 +364,61 @@ def test_battles_are_rate_limited_per_visitor(public_db, tiny_model_dir, data, m
     bob.start_battle(pool, "hi", settings=QUICK)  # per visitor: bob is not held back by alice
     for _ in range(4):
         root.start_battle(pool, "hi", settings=QUICK)  # admins are not limited
+
+
+# ------------------------------------------------------------------------------------------- the tab
+
+def test_the_tab_battles_votes_and_moves_the_leaderboard(tmp_path, two_tiny):
+    import gradio as gr
+
+    from app import arena_tab, ui
+    from app.auth import ScopedService
+
+    base = make_service(tmp_path)
+    service = ScopedService(base)
+    with gr.Blocks():
+        tab = arena_tab.build_arena_tab(service)
+    assert len(tab.vote_buttons) == 4
+    keys = {v for _, v in arena_tab.model_choices(service)}
+    assert f"base:{DEFAULT_MODEL}" in keys
+    pool_update, message = arena_tab.create_pool(service, "tiny", two_tiny, False)
+    pool = pool_update["value"]
+    assert message == f"Pool {pool} created." and pool_update["choices"][0][1] == pool
+    assert arena_tab.create_pool(service, "one", two_tiny[:1], False)[1].startswith("a pool needs 2")
+    pools, models, benchmarks = arena_tab.refresh(service, None, [two_tiny[0], "base:gone"])
+    assert pools["value"] == pool and models["value"] == [] and "builtin:math" in benchmarks["choices"]
+    table, _, _, summary = arena_tab.leaderboard(service, pool)
+    assert [row[4] for row in table["value"]["data"]] == [0, 0] and summary.startswith("0 votes")
+
+    steps = list(arena_tab.battle(service, pool, arena_tab.TYPED, "What is 2 + 2?", None, 4, 0.0, 1.0))
+    battle_id, shown = steps[0][0], steps[0][1]
+    assert isinstance(battle_id, int) and "What is 2 + 2?" in shown
+    assert all(not u["interactive"] for step in steps[:-1] for u in step[4:8])  # no vote before both answers
+    final = steps[-1]
+    assert final[0] == battle_id and all(u["interactive"] for u in final[4:8])
+    assert not any(key in str(step) for step in steps for key in two_tiny)  # nothing names the models
+    cleared, reveal, *buttons = arena_tab.cast_vote(service, battle_id, "b")
+    assert cleared is None and "**A** was base: " in reveal and "you preferred **B**" in reveal
+    assert all(not b["interactive"] for b in buttons)
+    again = arena_tab.cast_vote(service, battle_id, "a")
+    assert again[0] == battle_id and "vote already" in again[1]
+    table, ratings, win_rate, summary = arena_tab.leaderboard(service, pool)
+    assert summary.startswith("1 votes") and [row[4] for row in table["value"]["data"]] == [1, 1]
+    assert table["value"]["data"][0][2] > 1000 > table["value"]["data"][1][2]
+    assert len(ratings.data) == 1 and ratings.data[0].error_y.array is not None and len(win_rate.data) == 1
+    path = arena_tab.export(service, pool, "jsonl")["value"]
+    assert Path(path).name == f"arena-pool-{pool}-votes.jsonl" and '"vote": "b"' in Path(path).read_text()
+    assert Path(arena_tab.export(service, pool, "csv")["value"]).read_text().startswith("id,pool_id")
+
+    # a benchmark prompt: the gold answer comes with the reveal
+    steps = list(arena_tab.battle(service, pool, arena_tab.FROM_BENCHMARK, "", "builtin:math", 4, 0.0, 1.0))
+    assert "builtin:math" in steps[0][1]
+    assert "Correct answer: **" in arena_tab.cast_vote(service, steps[-1][0], "tie")[1]
+    # refusals are messages, not exceptions
+    for args in [(None, arena_tab.TYPED, "hi", None, 4, 0.0, 1.0), (pool, arena_tab.TYPED, "hi", None, "x", 0.0, 1.0),
+                 (pool, arena_tab.TYPED, "x" * 5000, None, 4, 0.0, 1.0), (999, arena_tab.TYPED, "hi", None, 4, 0, 1)]:
+        assert [s[0] for s in arena_tab.battle(service, *args)] == [None]
+    assert arena_tab.cast_vote(service, None, "a")[0] is None
+    demo = ui.build_demo(base)  # the page registers the tab
+    assert "arena" in demo.workbench
+    base.close()
