@@ -176,28 +176,44 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return found
 
 
-def start_job(service, job_id: int, **env: str) -> subprocess.Popen:
-    """Run job ``job_id`` on 2 processes as the worker would (``jobs.launch``); rank 0 claims it if queued."""
-    from jobs.launch import child_command
-    from tests.test_jobs_support import child_env
+class Launch:
+    """Job ``job_id`` run on 2 processes as the worker runs it (``jobs.launch``; rank 0 claims it if queued),
+    its output in ``log``. ``ranks`` (rank -> pid) once ``find_ranks`` has looked."""
 
-    return subprocess.Popen(child_command(job_id, 2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env=child_env(service, OMP_NUM_THREADS="1", **env))
+    def __init__(self, service, job_id: int, log: Path, **env: str):
+        from jobs.launch import child_command
+        from tests.test_jobs_support import child_env
 
+        self.log, self.ranks = log, {}
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(child_command(job_id, 2), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=child_env(service, OMP_NUM_THREADS="1", **env))
 
-def end(launcher: subprocess.Popen, timeout: float) -> str:
-    """Wait for torchrun to exit (killing it and its ranks if it does not); its output."""
-    try:
-        out, _ = launcher.communicate(timeout=timeout)
-        return out
-    except subprocess.TimeoutExpired:
-        for pid in [*rank_pids(launcher.pid).values(), launcher.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        out, _ = launcher.communicate(timeout=30)
-        raise AssertionError(f"torchrun still running after {timeout}s:\n{out[-4000:]}") from None
+    def find_ranks(self) -> dict[int, int]:
+        self.ranks = rank_pids(self.proc.pid)
+        assert sorted(self.ranks) == [0, 1], self.output()
+        return self.ranks
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def end(self, timeout: float) -> None:
+        """Wait for torchrun and the ranks to exit; past ``timeout``, kill them and fail."""
+        from tests.test_jobs_support import wait_dead
+
+        deadline = time.monotonic() + timeout
+        try:
+            self.proc.wait(timeout)
+            for pid in self.ranks.values():
+                wait_dead(pid, max(0.1, deadline - time.monotonic()))
+        except (subprocess.TimeoutExpired, AssertionError):
+            for pid in [*self.ranks.values(), self.proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.proc.wait(30)
+            raise AssertionError(f"torchrun or its ranks still running after {timeout}s:\n{self.output()}") from None
 
 
 @pytest.mark.slow
@@ -206,25 +222,24 @@ def end(launcher: subprocess.Popen, timeout: float) -> str:
     ("SIGTERM", "interrupted", "stopped by SIGTERM"),  # what Worker.stop(terminate_children=True) sends torchrun
     ("SIGKILL", "interrupted", "stopped by the end of torchrun"),  # its ranks, in sessions of their own, stop too
 ])
-def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_model_dir, rows, how, status, error):
-    from tests.test_jobs_support import wait_dead, wait_final, wait_for
+def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_model_dir, rows, tmp_path, how, status,
+                                                               error):
+    from tests.test_jobs_support import wait_final, wait_for
 
     spec = spec_for(tiny_model_dir, rows, devices=2, max_steps=200, eval_every=0, save_every=0)
     job_id = service.submit(spec)
-    launcher = start_job(service, job_id, WORKBENCH_TEST_STEP_DELAY="0.2")
+    launch = Launch(service, job_id, tmp_path / "launch.log", WORKBENCH_TEST_STEP_DELAY="0.2")
     try:
         wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
-        ranks = rank_pids(launcher.pid)
+        launch.find_ranks()
         if how == "cancel":
             assert service.cancel(job_id) == "running"
         else:
-            os.kill(launcher.pid, getattr(signal, how))
+            os.kill(launch.proc.pid, getattr(signal, how))
         job = wait_final(service, job_id, 60)
     finally:
-        out = end(launcher, 60)
-    for pid in ranks.values():
-        wait_dead(pid)
-    assert job["status"] == status and job["result"]["status"] == "stopped", out[-4000:]
+        launch.end(60)  # the ranks too: no orphan trains on
+    assert job["status"] == status and job["result"]["status"] == "stopped", launch.output()
     assert (job["error"] is None) if error is None else (error in job["error"])
     steps = [p["step"] for p in service.metrics(job_id)]
     assert steps == list(range(1, job["progress"]["step"] + 1))  # rank 0 alone wrote, once per step
@@ -234,41 +249,41 @@ def test_a_cancel_or_signal_stops_both_ranks_with_a_checkpoint(service, tiny_mod
 
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0])
-def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service, tiny_model_dir, rows, victim):
+def test_a_killed_rank_fails_the_job_by_name_and_the_other_does_not_hang(service, tiny_model_dir, rows, tmp_path,
+                                                                         victim):
     """Rank 0 records the death of rank 1; when rank 0 itself is killed, rank 1 records it."""
     from tests.test_jobs_support import wait_for
 
     spec = spec_for(tiny_model_dir, rows, devices=2, max_steps=200, eval_every=0, save_every=0)
     job_id = service.submit(spec)
-    launcher = start_job(service, job_id, WORKBENCH_TEST_STEP_DELAY="0.2")
+    launch = Launch(service, job_id, tmp_path / "launch.log", WORKBENCH_TEST_STEP_DELAY="0.2")
     try:
         wait_for(lambda: service.get(job_id)["progress"]["step"] >= 2, 180, what="step 2")
-        ranks = rank_pids(launcher.pid)
-        assert sorted(ranks) == [0, 1]
+        ranks = launch.find_ranks()
         os.kill(ranks[victim], signal.SIGKILL)
         killed = time.monotonic()
     finally:
-        out = end(launcher, 2 * RANK_TIMEOUT_S)
+        launch.end(2 * RANK_TIMEOUT_S)
     assert time.monotonic() - killed < RANK_TIMEOUT_S, "the other rank waited for the timeout, not failing at once"
-    assert launcher.returncode != 0
+    assert launch.proc.returncode != 0
     job = service.get(job_id)
-    assert job["status"] == "failed", out[-4000:]
+    assert job["status"] == "failed", launch.output()
     assert f"rank {victim} (pid {ranks[victim]}) has died; rank {1 - victim} stopped" in job["error"]
     assert 2 <= job["progress"]["step"] < 200
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_ranks_that_cannot_start_fail_the_job_saying_why(service, tiny_model_dir, rows):
+def test_ranks_that_cannot_start_fail_the_job_saying_why(service, tiny_model_dir, rows, tmp_path):
     spec = spec_for(tiny_model_dir, rows, devices=2)
     spec.model.device = "cuda"
     job_id = service.submit(spec)
     assert service.claim(job_id, "tester:1")  # as a worker does before it starts the job's processes
-    launcher = start_job(service, job_id)
-    out = end(launcher, 120)
-    assert launcher.returncode != 0
+    launch = Launch(service, job_id, tmp_path / "launch.log")
+    launch.end(120)
+    assert launch.proc.returncode != 0
     job = service.get(job_id)
-    assert job["status"] == "failed", out[-4000:]
+    assert job["status"] == "failed", launch.output()
     assert "could not start: ModelLoadError: device 'cuda' was asked for" in job["error"]
 
 
