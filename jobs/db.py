@@ -371,12 +371,13 @@ def _m5_workers(conn: Connection) -> None:
         if column.name not in columns:
             add_column(conn, "jobs", column)
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_jobs_worker_id ON jobs (worker_id)")
-    jobs = sa.table("jobs", sa.column("id"), sa.column("status"), sa.column("spec", sa.JSON),
+    jobs = sa.table("jobs", sa.column("id"), sa.column("kind"), sa.column("status"), sa.column("spec", sa.JSON),
                     sa.column("device"), sa.column("processes"))
-    for job_id, spec in conn.execute(sa.select(jobs.c.id, jobs.c.spec).where(jobs.c.status == "queued")).all():
+    queued = sa.select(jobs.c.id, jobs.c.kind, jobs.c.spec).where(jobs.c.status == "queued")
+    for job_id, kind, spec in conn.execute(queued).all():
         device = ((spec or {}).get("model") or {}).get("device")
         conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(
-            device=device if device in ("auto", "cpu", "cuda") else "auto", processes=processes(spec)))
+            device=device if device in ("auto", "cpu", "cuda") else "auto", processes=processes(spec, kind)))
 
 
 def _m6_arena(conn: Connection) -> None:

@@ -15,8 +15,12 @@ import sys
 from typing import Any
 
 
-def processes(spec: dict[str, Any] | None) -> int:
-    """How many processes the job's spec (its stored JSON object) asks for: ``train.devices``, at least 1."""
+def processes(spec: dict[str, Any] | None, kind: str = "train") -> int:
+    """How many processes a job of ``kind`` with this spec (its stored JSON object) runs on: a training
+    job's ``train.devices``, at least 1; every other kind (evaluate, export, merge...) copies a training
+    spec but runs in one process, and must not hold the training's GPUs."""
+    if kind != "train":
+        return 1
     train = (spec or {}).get("train") or {}
     devices = train.get("devices", 1)
     return devices if isinstance(devices, int) and not isinstance(devices, bool) and devices > 1 else 1

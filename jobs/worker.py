@@ -224,7 +224,7 @@ class Worker:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.concurrency))
         try:
             with open(out / LOG_FILE, "ab") as log:
-                proc = subprocess.Popen(child_command(job_id, processes(job["spec"])), cwd=REPO_ROOT, env=env,
+                proc = subprocess.Popen(child_command(job_id, processes(job["spec"], job["kind"])), cwd=REPO_ROOT, env=env,
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         except OSError as err:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from core.deployment import Actor, Deployment
 from jobs import JobService, Worker
 from jobs import db as jobs_db
+from jobs import launch
 from jobs.devices import GiB, Devices, DevicesError, Gpu, assign, parse_devices, visible_devices
 from jobs.schema import Base, WorkerRecord
 from jobs.service import FilesNotHere, host_name
@@ -73,7 +74,7 @@ def test_version_4_gets_workers_and_what_queued_jobs_need(db_url):
     svc = JobService(db_url)
     try:
         with svc.db.engine.connect() as conn:
-            assert jobs_db.schema_version(conn) == 5 and sa.inspect(conn).has_table("workers")
+            assert jobs_db.schema_version(conn) == jobs_db.latest_version() and sa.inspect(conn).has_table("workers")
         queued, done = sorted(svc.list_jobs(), key=lambda j: j["id"])
         assert queued["needs"] == {"device": "cuda", "processes": 2, "gpu_memory": None}
         assert done["needs"] == {"device": "auto", "processes": 1, "gpu_memory": None}  # never claimed again
@@ -83,6 +84,21 @@ def test_version_4_gets_workers_and_what_queued_jobs_need(db_url):
 
 
 # ------------------------------------------------------------------------------------------ claims
+
+def test_only_training_runs_on_several_processes(queue, tiny_model_dir, data):
+    """An evaluation copies its training job's spec, train.devices included, but runs in one process:
+    it must neither start torchrun nor wait for (and hold) the training's GPUs."""
+    train = submit(queue, tiny_model_dir, data, device="cuda", processes=2)
+    spec = tiny_spec(tiny_model_dir, data)
+    spec.model.device, spec.train.devices, spec.train.strategy = "cuda", 2, "ddp"
+    spec.eval.benchmarks = ["builtin:math"]
+    evaluation = queue.submit(spec, "evaluate")
+    assert queue.get(train)["needs"]["processes"] == 2
+    assert queue.get(evaluation)["needs"]["processes"] == 1
+    assert launch.child_command(evaluation, launch.processes(spec.to_dict(), "evaluate"))[1:] == [
+        "-m", "jobs.run", str(evaluation)]
+    assert "--nproc-per-node=2" in launch.child_command(train, launch.processes(spec.to_dict(), "train"))
+
 
 def test_claims_are_exactly_once_under_contention(queue, tiny_model_dir, data):
     ids = [submit(queue, tiny_model_dir, data) for _ in range(12)]
