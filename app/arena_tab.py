@@ -219,8 +219,12 @@ def build_arena_tab(service: Any) -> ArenaTab:
         start_button = gr.Button("Battle", variant="primary", scale=1, min_width=100)
     shown_prompt = gr.Markdown("")
     with gr.Row(equal_height=True):
-        answer_a = gr.Markdown("", label="Model A", container=True, min_height=160, elem_id="arena-answer-a")
-        answer_b = gr.Markdown("", label="Model B", container=True, min_height=160, elem_id="arena-answer-b")
+        with gr.Column():
+            gr.Markdown("**Model A**")
+            answer_a = gr.Markdown("", container=True, min_height=160, elem_id="arena-answer-a")
+        with gr.Column():
+            gr.Markdown("**Model B**")
+            answer_b = gr.Markdown("", container=True, min_height=160, elem_id="arena-answer-b")
     with gr.Row():
         vote_buttons = [gr.Button(label, interactive=False) for _, label in VOTE_BUTTONS]
     reveal = gr.Markdown("", elem_id="arena-reveal")
@@ -231,7 +235,7 @@ def build_arena_tab(service: Any) -> ArenaTab:
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", info="used when temperature > 0")
     gr.Markdown("### Leaderboard", elem_classes=["section-title"])
     summary = gr.Markdown("", elem_classes=["muted"], elem_id="arena-summary")
-    table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, wrap=True)
+    table = gr.Dataframe(headers=TABLE_HEADERS, value=[], interactive=False, wrap=True, elem_id="arena-table")
     with gr.Row():
         ratings_plot = gr.Plot(charts.empty_figure("Pick a pool"), show_label=False)
         win_rate_plot = gr.Plot(charts.empty_figure("Pick a pool"), show_label=False)
