@@ -17,6 +17,7 @@ import gradio as gr
 
 from core.config import DEFAULT_MODEL, ModelSettings
 from jobs.compare import BASE_KEY, JOB_KEY, base_key, job_key, parse_model_key
+from jobs.merges import ADAPTER_KINDS
 
 from .common import error_text, warn
 
@@ -37,7 +38,7 @@ def sample_problems(n: int = 6) -> list[str]:
 
 def model_options(service: Any) -> list[tuple[str, str]]:
     """(label, value) for every model one can chat with: base models first, then jobs with an adapter."""
-    jobs = [j for j in service.list_jobs(kind="train") if j["status"] in ADAPTER_STATUSES]
+    jobs = [j for j in service.list_jobs() if j["kind"] in ADAPTER_KINDS and j["status"] in ADAPTER_STATUSES]
     with_adapter = [j for j in jobs if j.get("out_dir") and (Path(j["out_dir"]) / "adapter" /
                                                                "adapter_config.json").is_file()]
     bases = [DEFAULT_MODEL]

@@ -303,10 +303,10 @@ def merge_adapters(directories: Sequence[str | Path], out_dir: str | Path, setti
     settings.validate(len(directories))
     parents = [read_parent(d, n) for d, n in zip(directories, names)]
     check_compatible(parents)
-    family = parents[0].method.merge_family
-    if family == "dora" and sum(settings.weights) <= 0:
-        raise ConfigError("weights", "DoRA magnitudes are averaged by the weights: their sum must be positive")
-    rank = sum(p.rank for p in parents) if settings.method == "cat" else settings.rank or max(p.rank for p in parents)
+    magnitudes = any(b.magnitude is not None for b in parents[0].blocks.values())
+    if magnitudes and sum(settings.weights) <= 0:
+        raise ConfigError("weights", "magnitude vectors (DoRA) are averaged by the weights: their sum must be positive")
+    rank = result_rank([p.meta["adapter"] for p in parents], settings)
     if rank > MAX_RANK:
         raise ConfigError("rank", f"cat would make rank {rank}, over the limit of {MAX_RANK}; use another method")
     blocks: dict[tuple[str, int], Block] = {}
@@ -321,7 +321,7 @@ def merge_adapters(directories: Sequence[str | Path], out_dir: str | Path, setti
             merged = combine([b.B @ b.A for b in parts], settings, *key)
             A, B, kept_sq, total_sq = truncate(merged, rank)
         magnitude = None
-        if family == "dora":
+        if magnitudes:
             magnitude = sum(w * b.magnitude for w, b in zip(settings.weights, parts)) / sum(settings.weights)
         blocks[key] = Block(A, B, magnitude)
         sums = kept.setdefault(key[0], [0.0, 0.0])
@@ -332,21 +332,43 @@ def merge_adapters(directories: Sequence[str | Path], out_dir: str | Path, setti
     energy = all_kept / all_total if all_total > 0 else 1.0
     params = sum(b.A.numel() + b.B.numel() for b in blocks.values())
     result = MergeResult(str(out_dir), settings.method, rank, params, energy, module_energy)
-    _write(Path(out_dir), parents, family, rank, blocks, {
+    _write(Path(out_dir), parents, rank, blocks, {
         "method": settings.method, "settings": settings.to_dict(), "parents": names, "rank": rank,
         "energy": energy})
     (Path(out_dir) / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=2))
     return result
 
 
-def _write(out: Path, parents: Sequence[Parent], family: str, rank: int, blocks: dict[tuple[str, int], Block],
-           merge_info: dict[str, Any]) -> None:
-    """Write the merged blocks as a ``family`` adapter of rank ``rank``, alpha = rank (scale 1)."""
-    first = AdapterConfig.from_dict(parents[0].meta["adapter"])
+def parent_rank(adapter: dict[str, Any]) -> int:
+    """The rank of a saved LoRA-family adapter's update (its config's JSON form): r, or 2r from a PiSSA/OLoRA
+    start (the converted LoRA)."""
+    s = AdapterConfig.from_dict(adapter).settings
+    return s.r * (1 if s.init == "kaiming" else 2)
+
+
+def result_rank(adapters: Sequence[dict[str, Any]], settings: MergeSettings) -> int:
+    """The rank a merge makes: ``Σ r_i`` for cat, else ``settings.rank`` or the largest parent rank."""
+    ranks = [parent_rank(a) for a in adapters]
+    return sum(ranks) if settings.method == "cat" else settings.rank or max(ranks)
+
+
+def result_config(adapters: Sequence[dict[str, Any]], rank: int) -> AdapterConfig:
+    """The config of a merge of the saved adapters ``adapters`` (their configs' JSON form): their family's
+    method on the first's layers and targets, rank ``rank``, alpha = rank (scale 1), kaiming init."""
+    first = AdapterConfig.from_dict(adapters[0])
+    family = methods.get(first.method).merge_family
+    if family is None:
+        raise ConfigError("adapters", f"{methods.label(first.method)} adapters cannot be merged")
     s = first.settings
     cfg = AdapterConfig.for_method(family, layers=first.layers, r=rank, alpha=float(rank), dropout=s.dropout,
                                    targets=list(s.targets), rslora=False, loraplus_ratio=1.0, init="kaiming")
-    cfg.validate()
+    return cfg.validate()
+
+
+def _write(out: Path, parents: Sequence[Parent], rank: int, blocks: dict[tuple[str, int], Block],
+           merge_info: dict[str, Any]) -> None:
+    """Write the merged blocks as an adapter of rank ``rank`` (``result_config``)."""
+    cfg = result_config([p.meta["adapter"] for p in parents], rank)
     tensors: dict[str, torch.Tensor] = {}
     for path in dict.fromkeys(p for p, _ in sorted(blocks)):
         roles = [blocks[(path, i)] for i in range(sum(k[0] == path for k in blocks))]
@@ -400,15 +422,18 @@ def delta_norms(directory: str | Path) -> dict[str, Any]:
             "norms": [[cells.get((layer, mod)) for mod in modules] for layer in layers]}
 
 
-def estimate(directories: Sequence[str | Path], method: str, rank: int | None = None) -> dict[str, Any]:
-    """The rank, parameter count and file size (fp32) a merge would make, from the parents' files."""
-    if method not in MERGE_METHODS:
-        raise ConfigError("method", f"unknown merge method {show(method)}; use {', '.join(MERGE_METHODS)}")
-    parents = [read_parent(d) for d in directories]
+def estimate(directories: Sequence[str | Path], settings: MergeSettings,
+             names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The rank, parameter count and file size (fp32) a merge would make, from the parents' files; the
+    merge's own checks first (``ConfigError`` for invalid settings or incompatible parents, naming them)."""
+    if not directories:
+        raise ConfigError("adapters", "choose at least one adapter to merge")
+    settings.validate(len(directories))
+    names = list(names) if names is not None else [str(d) for d in directories]
+    parents = [read_parent(d, n) for d, n in zip(directories, names)]
     check_compatible(parents)
-    r = sum(p.rank for p in parents) if method == "cat" else rank or max(p.rank for p in parents)
+    r = result_rank([p.meta["adapter"] for p in parents], settings)
     shapes = [(b.B.shape[0], b.A.shape[1]) for b in parents[0].blocks.values()]
     params = sum(r * (rows + cols) for rows, cols in shapes)
-    if parents[0].method.merge_family == "dora":
-        params += sum(rows for rows, _ in shapes)
+    params += sum(b.B.shape[0] for b in parents[0].blocks.values() if b.magnitude is not None)
     return {"rank": r, "params": params, "bytes": 4 * params}

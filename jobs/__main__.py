@@ -8,6 +8,8 @@
     python -m jobs logs ID [--tail N] [--follow]
     python -m jobs delete ID [--keep-files]
     python -m jobs export ID [--kind adapter|peft|merged]                   # prints the zip's path
+    python -m jobs merge ID ID... [--method ties] [--weights 0.5,0.5] [--rank R] [--density D] [--drop P]
+                         [--seed S] [--benchmarks B,B] [--name NAME]         # prints the merge job's id
     python -m jobs evaluations [--job ID] [--json]
     python -m jobs worker [--devices auto|cpu|cuda|cuda:0,1] [--tag NAME] [--concurrency N]
                           [--lease S] [--heartbeat S] [--poll S] [--until-idle]
@@ -149,6 +151,20 @@ def _print_workers(workers: list[dict]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
+def _merge_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The merge settings of ``python -m jobs merge`` (``--weights`` parsed; default: equal weights)."""
+    from core.fields import ConfigError
+
+    weights = [1.0 / len(args.ids)] * len(args.ids)
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ConfigError("weights", f"expected numbers separated by commas, got {args.weights!r}") from None
+    return {"method": args.method, "weights": weights, "rank": args.rank, "density": args.density,
+            "drop": args.drop, "seed": args.seed}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs", description="Adapter Workbench background jobs")
     parser.add_argument("--db", help="database URL (default $WORKBENCH_DB_URL or $WORKBENCH_HOME/workbench.db)")
@@ -180,6 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="zip the job's adapter")
     p.add_argument("id", type=int)
     p.add_argument("--kind", default="adapter", choices=ARTIFACT_KINDS)
+    p = sub.add_parser("merge", help="queue a merge of finished adapters (core.merge); prints the job id")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="training or merge jobs whose adapters to merge")
+    p.add_argument("--method", default="ties", help="cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune")
+    p.add_argument("--weights", help="one weight per adapter, comma-separated (default: equal, summing to 1)")
+    p.add_argument("--rank", type=int, help="rank r' of the result (default: the largest parent rank; not for cat)")
+    p.add_argument("--density", type=float, default=0.2, help="TIES, magnitude prune: fraction of entries kept")
+    p.add_argument("--drop", type=float, default=0.5, help="DARE: drop probability p")
+    p.add_argument("--seed", type=int, default=0, help="DARE: seed of the masks")
+    p.add_argument("--benchmarks", default="", help="evaluate the result on these, comma-separated")
+    p.add_argument("--evaluate-parents", action="store_true", help="also evaluate parents lacking those benchmarks")
+    p.add_argument("--name")
     p = sub.add_parser("evaluations", help="benchmark results")
     p.add_argument("--job", type=int)
     p.add_argument("--json", action="store_true")
@@ -308,6 +335,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"job {args.id} deleted")
     elif cmd == "export":
         print(service.build_artifact(args.id, args.kind))
+    elif cmd == "merge":
+        job_id = service.submit_merge(args.ids, _merge_settings(args), name=args.name,
+                                      benchmarks=[b for b in args.benchmarks.split(",") if b.strip()],
+                                      evaluate_parents=args.evaluate_parents)
+        plan = service.get(job_id)["info"]["plan"]
+        print(f"queued merge job {job_id}: rank {plan['rank']}, {plan['params']:,} parameters", file=sys.stderr)
+        print(job_id)
     elif cmd == "evaluations":
         rows = service.list_evaluations(job_id=args.job)
         if args.json:

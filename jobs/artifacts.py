@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from .access import ServiceBase
 from .errors import JobError
+from .merges import ADAPTER_KINDS
 from .schema import ACTIVE, Job
 
 ARTIFACT_LABELS = {"adapter": "adapter (workbench format)", "peft": "LoRA in PEFT format",
@@ -49,8 +50,8 @@ class ArtifactsAPI(ServiceBase):
 
         job = self.get(job_id)
         self._artifact_paths(job, kind)
-        if job["kind"] != "train":
-            raise JobError(f"job {job['id']} is an {job['kind']} job; only training jobs have adapters")
+        if job["kind"] not in ADAPTER_KINDS:
+            raise JobError(f"job {job['id']} is an {job['kind']} job; only training and merge jobs have adapters")
         if not (Path(job["out_dir"]) / "adapter" / "adapter_config.json").is_file():
             self.check_files_here(job_id)  # run elsewhere, runs directory not shared: say so, not "no adapter"
             raise JobError(f"job {job['id']} has no adapter yet (status {job['status']})")

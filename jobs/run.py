@@ -286,6 +286,25 @@ def run_export(service: JobService, job: dict[str, Any], rec: Recorder, stop: St
                                                    "bytes": path.stat().st_size}}
 
 
+def run_merge(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag,
+              budget: Budget) -> tuple[str, dict[str, Any]]:
+    """Merge the parents' adapters into this job's adapter (``build_merge``), then evaluate it on
+    ``spec.eval.benchmarks`` as a training job evaluates its own."""
+    rec.update(phase="merging adapters")
+    rec.flush()
+    merged = service.build_merge(job["id"])
+    print(f"== {merged['method']} merge written to {merged['directory']}: rank {merged['rank']}, "
+          f"{merged['params']:,} parameters, retained energy {merged['energy']:.4f}", flush=True)
+    values: dict[str, Any] = {"phase": None, "result": {**merged, "adapter_dir": merged["directory"],
+                                                       "trainable_params": merged["params"]}}
+    spec = JobSpec.from_dict(job["spec"])
+    if spec.eval.benchmarks:
+        rec.flush()
+        values["result"]["evaluations"] = run_benchmarks(service, spec, job, rec, stop, budget,
+                                                         Path(merged["directory"]), adapter_job_id=job["id"])
+    return "succeeded", values
+
+
 def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Recorder, stop: StopFlag,
                    budget: Budget, adapter_dir: Path | None, adapter_job_id: int | None) -> list[int]:
     """Evaluate the base model (with ``adapter_dir`` loaded if given) on ``spec.eval.benchmarks``."""
@@ -334,7 +353,7 @@ def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Rec
     return ids
 
 
-RUNNERS = {"train": run_train, "evaluate": run_evaluate, "export": run_export}
+RUNNERS = {"train": run_train, "evaluate": run_evaluate, "export": run_export, "merge": run_merge}
 
 
 def check_disk(service: JobService) -> None:

@@ -39,6 +39,7 @@ from .errors import JobError, iso, row_id
 from .evaluations import EvaluationsAPI
 from .schema import ACTIVE, FINISHED, EvalSample, Evaluation, Job, MetricPoint, utcnow
 from .launch import processes
+from .merges import ADAPTER_KINDS, MergesAPI
 from .studies import StudiesAPI
 from .uploads import UploadsAPI
 from .workers import WorkersAPI
@@ -103,7 +104,7 @@ def checkpoint_step(path: str | Path | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, ComparisonAPI, StudiesAPI, WorkersAPI,
+class JobService(MergesAPI, SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, ComparisonAPI, StudiesAPI, WorkersAPI,
                  ArenaAPI):
     """Jobs in one database (``url``; default ``$WORKBENCH_DB_URL`` or ``$WORKBENCH_HOME/workbench.db``).
 
@@ -138,8 +139,8 @@ class JobService(SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, Compar
                 from core.fields import ConfigError
 
                 raise ConfigError("target_job_id", "only evaluate jobs take a target job")
-            if target["kind"] != "train":
-                raise JobError(f"job {target_job_id} is not a training job")
+            if target["kind"] not in ADAPTER_KINDS:
+                raise JobError(f"job {target_job_id} is not a training or merge job")
         self._check_quota()
         return self._insert(spec, kind, name=name, target_job_id=target_job_id, study_id=study_id,
                             gpu_memory=gpu_memory)

@@ -192,9 +192,9 @@ def test_delta_norms_and_estimate_come_from_the_files(pair):
     for layer in table["layers"]:
         for module, norm in zip(table["modules"], table["norms"][layer]):
             assert norm == pytest.approx(float(ds[f"model.layers.{layer}.{module}"].norm()), rel=1e-4)
-    est = estimate(pair, "ties", rank=8)
+    est = estimate(pair, MergeSettings("ties", [1, 1], rank=8))
     assert est["rank"] == 8 and est["params"] == sum(8 * sum(d.shape) for d in ds.values())
-    assert estimate(pair, "cat")["rank"] == 4
+    assert estimate(pair, MergeSettings("cat", [1, 1]))["rank"] == 4
 
 
 def test_refusals_name_the_adapter_and_the_reason(pair, tmp_path):
@@ -223,3 +223,115 @@ def test_refusals_name_the_adapter_and_the_reason(pair, tmp_path):
             merge_adapters(pair, tmp_path / "x", settings)
         assert err.value.field == field
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The merge job, through the service, the worker and the CLI.
+
+@pytest.fixture(scope="module")
+def two_jobs(tmp_path_factory, tiny_model_dir):
+    """Two finished tiny LoRA training jobs on one service (and the service)."""
+    from jobs import Worker
+    from tests.test_jobs_support import ROWS, make_service, tiny_spec, write_data
+
+    tmp = tmp_path_factory.mktemp("merge-jobs")
+    service = make_service(tmp)
+    halves = [write_data(tmp / "add.json", ROWS[:12]), write_data(tmp / "more.json", ROWS[12:])]
+    ids = [service.submit(tiny_spec(tiny_model_dir, data, dropout=0.0, max_steps=2, eval_every=2, save_every=2))
+           for data in halves]
+    Worker(service, poll_s=0.1).run(until_idle=True)
+    assert [service.get(i)["status"] for i in ids] == ["succeeded", "succeeded"]
+    yield service, ids
+    service.close()
+
+
+def _adapter(service, job_id: int) -> Path:
+    return Path(service.get(job_id)["out_dir"]) / "adapter"
+
+
+def test_merge_job_writes_an_adapter_that_chats_evaluates_and_exports(two_jobs, tiny_model_dir):
+    from app.chat_tab import model_options
+    from jobs import Worker
+
+    service, (a, b) = two_jobs
+    plan = service.plan_merge([a, b], {"method": "cat", "weights": [0.5, 0.5]})
+    assert plan["rank"] == 8
+    merge_id = service.submit_merge([a, b], {"method": "cat", "weights": [0.5, 0.5]}, benchmarks=["AddSub"],
+                                    evaluate_parents=True)
+    job = service.get(merge_id)
+    assert (job["kind"], job["status"], job["info"]["parents"]) == ("merge", "queued", [a, b])
+    assert job["spec"]["adapter"]["settings"]["r"] == 8 and job["spec"]["eval"]["benchmarks"] == ["AddSub"]
+    queued_evals = service.list_jobs(kind="evaluate")
+    assert sorted(j["target_job_id"] for j in queued_evals) == [a, b]
+    for j in queued_evals:  # the tiny model cannot answer AddSub: the merge is what is checked here
+        service.cancel(j["id"])
+    with service.db.write() as s:  # the merge's own evaluation is run_benchmarks, tested with training jobs
+        from jobs.schema import Job
+
+        row = s.get(Job, merge_id)
+        row.spec = {**row.spec, "eval": {**row.spec["eval"], "benchmarks": []}}
+    Worker(service, poll_s=0.1).run(until_idle=True)
+    job = service.get(merge_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["rank"] == 8 and job["result"]["energy"] == 1.0
+    assert service.merge_report(merge_id)["params"] == job["result"]["params"]
+    parents = [deltas(_adapter(service, i)) for i in (a, b)]
+    model = core.load_adapter(core.load_model(_model_settings(tiny_model_dir)).model, _adapter(service, merge_id))
+    for path, m in _items(model):
+        torch.testing.assert_close(m.lora_delta(), 0.5 * parents[0][path] + 0.5 * parents[1][path],
+                                   rtol=1e-4, atol=1e-6)
+    assert any(value == f"job:{merge_id}" for _, value in model_options(service))
+    assert service.get(service.submit_evaluation(["AddSub"], job_id=merge_id))["target_job_id"] == merge_id
+    export_id = service.export(merge_id, "peft")
+    Worker(service, poll_s=0.1).run(until_idle=True)
+    assert service.get(export_id)["status"] == "succeeded" and service.artifact(merge_id, "peft")
+    norms = service.adapter_norms(merge_id)
+    assert norms["rank"] == 8 and len(norms["layers"]) == 2
+
+
+def _model_settings(model_dir):
+    from core.config import ModelSettings
+
+    return ModelSettings(name=str(model_dir), precision="fp32", device="cpu")
+
+
+def test_merge_submissions_are_checked_as_their_owner(two_jobs, tmp_path):
+    from core.deployment import Actor
+    from jobs.errors import JobError, JobNotFound
+
+    service, (a, b) = two_jobs
+    before = len(service.list_jobs())
+    stranger = service.scoped(Actor("anon:stranger00000000"))
+    with pytest.raises(JobNotFound):
+        stranger.submit_merge([a, b], {"method": "ties", "weights": [1, 1]})
+    for parents, settings, error, text in [
+            ([a, a], {"weights": [1, 1]}, ConfigError, "each adapter may be chosen once"),
+            ([a, b], {"weights": [1]}, ConfigError, "one weight per adapter"),
+            ([a, b], {"weights": [1, 1], "p": 0.3}, ConfigError, "unknown merge setting"),
+            ([a, b], {"method": "cat", "weights": [1, 1], "rank": 3}, ConfigError, "leave rank unset")]:
+        with pytest.raises(error, match=text):
+            service.submit_merge(parents, settings)
+    evaluation = service.submit_evaluation(["AddSub"], job_id=a)
+    with pytest.raises(JobError, match=f"job {evaluation} is still queued"):
+        service.submit_merge([a, evaluation], {"weights": [1, 1]})
+    service.cancel(evaluation)
+    with pytest.raises(JobError, match=f"job {evaluation} is an evaluate job"):
+        service.submit_merge([a, evaluation], {"weights": [1, 1]})
+    assert len(service.list_jobs()) == before + 1  # the evaluation only
+
+
+def test_cli_merge_queues_a_job_and_reports_bad_input(two_jobs):
+    from tests.test_jobs_support import cli
+
+    service, (a, b) = two_jobs
+    out = cli(service, "merge", "--method", "ties", "--weights", "0.7,0.3", "--rank", "4", "--density", "0.5",
+              str(a), str(b))
+    job = service.get(int(out.stdout.strip()))
+    assert job["kind"] == "merge" and job["info"]["parents"] == [a, b]
+    assert job["info"]["merge"] == {"method": "ties", "weights": [0.7, 0.3], "rank": 4, "density": 0.5,
+                                    "drop": 0.5, "seed": 0}
+    service.cancel(job["id"])
+    bad = cli(service, "merge", "--weights", "0.5,x", str(a), str(b), check=False)
+    assert bad.returncode == 2 and "weights: expected numbers" in bad.stderr
+    bad = cli(service, "merge", "--method", "average", str(a), str(b), check=False)
+    assert bad.returncode == 2 and "unknown merge method 'average'" in bad.stderr
