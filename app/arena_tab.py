@@ -29,8 +29,10 @@ def model_choices(service: Any) -> list[tuple[str, str]]:
     """(label, key) of every model a pool may hold: chat's list (base models, training jobs' adapters)
     and the adapters of finished merge jobs."""
     options = model_options(service)
+    listed = {key for _, key in options}
     for j in service.list_jobs(kind="merge", status=list(ADAPTER_STATUSES)):
-        if j.get("out_dir") and (Path(j["out_dir"]) / "adapter" / "adapter_config.json").is_file():
+        if job_key(j["id"]) not in listed and j.get("out_dir") and \
+                (Path(j["out_dir"]) / "adapter" / "adapter_config.json").is_file():
             options.append((f"#{j['id']} {j.get('name') or ''} (merge)", job_key(j["id"])))
     return options
 
