@@ -267,3 +267,22 @@ def arena_win_rate_figure(labels: Sequence[str], win_rate: Sequence[Sequence[flo
     fig.update_layout(**LAYOUT, title=dict(text="win rate of row against column (battles below)", x=0.5, y=0.98),
                       xaxis=dict(type="category"), yaxis=dict(type="category", autorange="reversed"))
     return fig
+
+def delta_heatmaps(tables: Sequence[tuple[str, dict[str, Any]]]) -> go.Figure:
+    """One heat map of ``||ΔW||_F`` per adapter (layer x module, ``core.merge.delta_norms`` tables), side by
+    side on one colour scale so their sizes compare; a module an adapter leaves alone is blank."""
+    if not tables:
+        return empty_figure("Choose adapters to see the size of their updates per layer and module")
+    from plotly.subplots import make_subplots
+
+    top = max((v for _, t in tables for row in t["norms"] for v in row if v is not None), default=1.0)
+    fig = make_subplots(rows=1, cols=len(tables), subplot_titles=[title for title, _ in tables],
+                        shared_yaxes=True, horizontal_spacing=0.04)
+    for i, (_, t) in enumerate(tables, start=1):
+        z = [[math.nan if v is None else v for v in row] for row in t["norms"]]
+        fig.add_trace(go.Heatmap(z=z, x=t["modules"], y=[str(layer) for layer in t["layers"]], coloraxis="coloraxis",
+                                 hovertemplate="layer %{y}, %{x}: ||ΔW|| = %{z:.4g}<extra></extra>"), 1, i)
+    fig.update_layout(**{**LAYOUT, "height": 420}, coloraxis=dict(colorscale="Viridis", cmin=0, cmax=top,
+                                                                  colorbar=dict(title="||ΔW||")))
+    fig.update_yaxes(title_text="layer", col=1)
+    return fig

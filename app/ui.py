@@ -1,4 +1,4 @@
-"""The page: six tabs (Train, Jobs, Chat, Compare, Study, Arena) wired to one ``JobService``.
+"""The page: seven tabs (Train, Jobs, Chat, Compare, Merge, Study, Arena) wired to one ``JobService``.
 
 ``build_demo(service, deployment)`` draws the header (the mode and who you are) and the tabs and the
 few links between them (Launch jumps to the job; Clone fills the Train tab). The tabs never see the

@@ -335,3 +335,60 @@ def test_cli_merge_queues_a_job_and_reports_bad_input(two_jobs):
     assert bad.returncode == 2 and "weights: expected numbers" in bad.stderr
     bad = cli(service, "merge", "--method", "average", str(a), str(b), check=False)
     assert bad.returncode == 2 and "unknown merge method 'average'" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The Merge tab's handlers, without a browser, on jobs whose adapters are written directly.
+
+@pytest.fixture
+def adapter_jobs(service, tmp_path):
+    """Two finished LoRA jobs and a VeRA one, their adapters saved where training would put them."""
+    import shutil
+
+    from core.config import JobSpec
+
+    ids = []
+    for name, method, seed in [("a", "lora", 1), ("b", "lora", 2), ("v", "vera", 3)]:
+        spec = JobSpec(name=name)
+        spec.adapter = AdapterConfig.for_method(method)
+        job_id = service._insert(spec, "train", name=name)
+        shutil.copytree(trained(tmp_path, name, method, seed=seed), Path(service.get(job_id)["out_dir"]) / "adapter")
+        service.finish(job_id, "succeeded", only_if=("queued",))
+        ids.append(job_id)
+    return ids
+
+
+def test_merge_tab_plans_launches_and_shows_the_result(service, adapter_jobs):
+    import gradio as gr
+
+    from app import merge_tab, ui
+
+    a, b, vera = adapter_jobs
+    assert [v for _, v in merge_tab.parent_choices(service)] == [b, a]  # not VeRA
+    figure, plan, box = merge_tab.preview(service, [a, b], "ties", "0.6, 0.4", 0, 0.2, 0.5, 0)
+    assert len(figure.data) == 2 and "rank **2**" in plan and not box["visible"]
+    _, plan, box = merge_tab.preview(service, [a, b], "ties", "0.6, x", 0, 0.2, 0.5, 0)
+    assert box["visible"] and "weights" in box["value"] and plan == ""
+    _, _, box = merge_tab.preview(service, [a, vera], "linear", "", 0, 0.2, 0.5, 0)
+    assert box["visible"] and "cannot be merged" in box["value"]
+    before = len(service.list_jobs())
+    box, _, _ = merge_tab.launch(service, [a, b], "cat", "", 4, 0.2, 0.5, 0, [], False, "")
+    assert box["visible"] and "leave rank unset" in box["value"] and len(service.list_jobs()) == before
+    box, status, picked = merge_tab.launch(service, [a, b], "dare_ties", "0.5,0.5", 3, 0.2, 0.3, 5, [], False, "")
+    merge_id = picked["value"]
+    assert not box["visible"] and f"#{merge_id}" in status
+    assert service.get(merge_id)["info"]["merge"] == {"method": "dare_ties", "weights": [0.5, 0.5], "rank": 3,
+                                                      "density": 0.2, "drop": 0.3, "seed": 5}
+    _, text = merge_tab.result(service, merge_id)
+    assert "queued" in text
+    result = service.build_merge(merge_id)  # what the job's child does
+    service.finish(merge_id, "succeeded", only_if=("queued",))
+    figure, text = merge_tab.result(service, merge_id)
+    assert len(figure.data) == 3 and f"{100 * result['energy']:.2f}%" in text and "rank **3**" in text
+    assert merge_tab.compare_keys(service, merge_id) == [f"job:{a}", f"job:{b}", f"job:{merge_id}"]
+    assert [v for _, v in merge_tab.merge_choices(service)] == [merge_id]
+    assert [u["visible"] for u in merge_tab.setting_visibility("cat")] == [False, False, False, False]
+    assert [u["visible"] for u in merge_tab.setting_visibility("dare_ties")] == [False, True, True, True]
+    demo = ui.build_demo(service)
+    assert isinstance(demo.workbench["merge"], merge_tab.MergeTab)
+    assert isinstance(demo.workbench["merge"].heatmap, gr.Plot)
