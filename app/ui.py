@@ -21,13 +21,14 @@ from core.deployment import LOCAL_USER, Deployment
 from core.deployment import current as current_deployment
 from core.deployment import using
 
-from . import arena_tab, chat_tab, compare_tab, jobs_tab, study_tab, train_tab
+from . import arena_tab, chat_tab, compare_tab, jobs_tab, merge_tab, study_tab, train_tab
 from .auth import BUILD_ACTOR, Identify, ScopedService, acting_as, current_actor, identity_line, protect
 from .logins import Logins, load_logins
 from .visitors import LOGIN_FAILURES, LOGIN_WINDOW_S, LoginRateLimiter, middleware_for
 from .common import CSS, error_text, warn
 
 TRAIN, JOBS, CHAT, COMPARE, STUDY, ARENA = "train", "jobs", "chat", "compare", "study", "arena"
+MERGE = "merge"
 TITLE = "Adapter Workbench"
 MAX_UPLOAD = "50mb"
 
@@ -174,6 +175,8 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
                 chat = chat_tab.build_chat_tab(service)
             with gr.Tab("Compare", id=COMPARE) as compare_item:
                 compare = compare_tab.build_compare_tab(service)
+            with gr.Tab("Merge", id=MERGE) as merge_item:
+                merge = merge_tab.build_merge_tab(service)
             with gr.Tab("Study", id=STUDY) as study_item:
                 study = study_tab.build_study_tab(service, train)
             with gr.Tab("Arena", id=ARENA) as arena_item:
@@ -181,7 +184,7 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
 
         timers = [jobs.timer, compare.timer]
         tab_items = [(train_item, TRAIN), (jobs_item, JOBS), (chat_item, CHAT), (compare_item, COMPARE),
-                     (study_item, STUDY), (arena_item, ARENA)]
+                     (study_item, STUDY), (arena_item, ARENA), (merge_item, MERGE)]
         for item, name in tab_items:
             item.select(lambda name=name: timers_for(name), None, timers, queue=False, show_progress="hidden")
             # the Study timer polls only while its tab is shown (kept apart: ``timers_for`` is the Jobs/Compare pair)
@@ -228,6 +231,13 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
         demo.load(compare_models, compare.models, compare.models).then(
             compare_results, compare_inputs, compare.result_outputs)
         demo.load(lambda: whoami(deployment), None, who, show_progress="hidden")
+        merge_refresh = safe(lambda p, m: merge_tab.refresh(service, p, m), 2)
+        merge_item.select(merge_refresh, [merge.parents, merge.merge_job], [merge.parents, merge.merge_job],
+                          show_progress="hidden")
+        merge.compare_event.then(safe(lambda k: (compare_tab.refresh_models(service, k), gr.Tabs(selected=COMPARE),
+                                                 *timers_for(COMPARE)) if k else (gr.skip(),) * 4, 4),
+                                 merge.compare_models, [compare.models, tabs, *timers]).then(
+            compare_results, compare_inputs, compare.result_outputs)
         arena_refresh = safe(lambda p, m: arena_tab.refresh(service, p, m), 3)
         arena_board = safe(lambda p: arena_tab.leaderboard(service, p), 4)
         arena_item.select(arena_refresh, [arena.pool, arena.new_models], arena.refresh_outputs,
@@ -236,7 +246,7 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
             arena_board, arena.pool, arena.board_outputs)
     demo.queue(default_concurrency_limit=4)
     demo.workbench = {"train": train, "jobs": jobs, "chat": chat, "compare": compare, "study": study,
-                      "arena": arena, "tabs": tabs, "who": who}
+                      "arena": arena, "merge": merge, "tabs": tabs, "who": who}
     protect(demo, deployment, identify)
     return demo
 
