@@ -61,6 +61,8 @@ CANCEL_POLL_S = 0.5
 TRACEBACK_CHARS = 4000
 # The child's own final word wins over a worker that wrongly took it for dead ("interrupted").
 MINE = ("running", "interrupted")
+LOST = ("its worker stopped heartbeating and another worker marked it interrupted; this process stopped at "
+        "its next step with a checkpoint (Resume continues from it)")
 STEP_DELAY_ENV = "WORKBENCH_TEST_STEP_DELAY"
 FAIL_AT_ENV = "WORKBENCH_TEST_FAIL_AT_STEP"
 
@@ -111,6 +113,7 @@ class Recorder:
         self.last_flush = time.monotonic()
         self.last_cancel_check = 0.0
         self.cancel = False
+        self.lost = False  # the job left ``running`` under us (see ``cancel_requested``)
 
     def add(self, **point: Any) -> None:
         self.points.append({"job_id": self.job_id, "wall_time": time.time(), **point})
@@ -131,14 +134,22 @@ class Recorder:
         self.last_flush = time.monotonic()
 
     def cancel_requested(self) -> bool:
-        """The job's cancel flag, read from the database at most every ``CANCEL_POLL_S``."""
+        """The job's cancel flag, read from the database at most every ``CANCEL_POLL_S``; also True once
+        the job is no longer ``running`` (``lost``): a live worker marked it ``interrupted`` because the
+        worker that started this process stopped heartbeating (another machine's worker cannot see this
+        process). Someone may resume it from its last checkpoint, so this process stops at its next step
+        with a checkpoint of its own rather than train on beside the resumed run, and leaves the status
+        ``interrupted`` (``LOST``)."""
         if self.cancel:
             return True
         now = time.monotonic()
         if now - self.last_cancel_check >= CANCEL_POLL_S:
             self.last_cancel_check = now
             with self.service.db.read() as s:
-                self.cancel = bool(s.scalar(sa.select(Job.cancel_requested).where(Job.id == self.job_id)))
+                flag, status = s.execute(sa.select(Job.cancel_requested, Job.status)
+                                         .where(Job.id == self.job_id)).one()
+            self.lost = status != "running"
+            self.cancel = bool(flag) or self.lost
         return self.cancel
 
 
@@ -430,6 +441,8 @@ def _lead(service: JobService, job_id: int, ranks: Ranks) -> int:
         started = True
         ranks.agree(True)
         status, values = runner(service, job, rec, stop, budget)
+        if rec.lost:
+            status, values["error"] = "interrupted", LOST
         values.setdefault("error", None)
         rec.flush()
         service.finish(job_id, status, only_if=MINE, **values)
@@ -445,8 +458,9 @@ def _lead(service: JobService, job_id: int, ranks: Ranks) -> int:
         except Exception:  # the database itself may be the problem; the status write below retries
             traceback.print_exc()
         if cancelled:
-            service.finish(job_id, "interrupted" if stop.signal else "cancelled", only_if=MINE, phase=None,
-                           error=f"stopped by {stop.signal}" if stop.signal else budget.reason)
+            service.finish(job_id, "interrupted" if stop.signal or rec.lost else "cancelled", only_if=MINE,
+                           phase=None, error=f"stopped by {stop.signal}" if stop.signal else
+                           LOST if rec.lost else budget.reason)
             print(f"== job {job_id} stopped during evaluation", flush=True)
             return 0
         message = f"{type(err).__name__}: {err}".strip()

@@ -180,7 +180,7 @@ class JobService(MergesAPI, SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, Uploads
                       status="queued", spec=data, resumes_job_id=resumes_job_id,
                       resume_checkpoint=resume_checkpoint, target_job_id=target_job_id, study_id=study_id,
                       step=0, cancel_requested=False, owner=owner or self.owner, info=info,
-                      device=spec.model.device, processes=processes(data), gpu_memory=gpu_memory)
+                      device=spec.model.device, processes=processes(data, kind), gpu_memory=gpu_memory)
             s.add(job)
             s.flush()
             out = self.runs_dir / str(job.id)

@@ -111,6 +111,25 @@ def test_cancel_mid_run(service, tiny_model_dir, data, monkeypatch):
     assert service.cancel(job_id) == "cancelled"  # idempotent
 
 
+def test_a_job_marked_interrupted_under_its_process_stops_and_stays_interrupted(service, tiny_model_dir, data,
+                                                                                 monkeypatch):
+    """What a lease sweep does to a job whose worker on another machine fell silent while its process
+    lives on: the process stops at its next step with a checkpoint and does not overwrite the status."""
+    monkeypatch.setenv("WORKBENCH_TEST_STEP_DELAY", "0.15")
+    job_id = service.submit(tiny_spec(tiny_model_dir, data, max_steps=200, eval_every=0, save_every=0))
+    worker = start_worker_thread(service, poll_s=0.1)
+    try:
+        wait_for(lambda: service.get(job_id)["progress"]["step"] >= 3, 60, what="step 3")
+        assert service.finish(job_id, "interrupted", error="its worker stopped heartbeating")
+        wait_for(lambda: not worker.children, 30, what="the job's process to stop")
+    finally:
+        worker.stop()
+    job = service.get(job_id)
+    assert job["status"] == "interrupted" and "stopped at its next step" in job["error"]
+    assert 3 <= job["progress"]["step"] < 200
+    assert latest_checkpoint(job["out_dir"]).name == f"step-{job['progress']['step']}"
+
+
 def test_queued_job_cancels_at_once(service, tiny_model_dir, data):
     job_id = service.submit(tiny_spec(tiny_model_dir, data))
     assert service.cancel(job_id) == "cancelled"
