@@ -3,7 +3,7 @@
 The server draws the pair, generates both answers and keeps which model is which (``jobs.arena``); the
 page only holds the battle's id (``gr.State``, server-side) until the vote reveals the models and, for
 a benchmark prompt, the correct answer. Generation settings and prompt length are chat's
-(``chat_tab.generation_settings``, ``chat_tab.MAX_QUESTION_CHARS``); the service checks them again.
+(``chat_tab.generation_settings``, ``limits.prompt_chars``); the service checks them again.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from app import charts
-from app.chat_tab import ADAPTER_STATUSES, MAX_QUESTION_CHARS, generation_settings, model_options
+from app.chat_tab import ADAPTER_STATUSES, generation_settings, model_options
 from jobs.compare import job_key
 
 from .common import download_file, error_text, warn
@@ -80,8 +80,9 @@ def battle(service: Any, pool: Any, source: Any, prompt: Any, benchmark: Any, ma
         return
     typed = source != FROM_BENCHMARK
     text = (prompt if isinstance(prompt, str) else "").strip()
-    if typed and len(text) > MAX_QUESTION_CHARS:
-        warn(f"The prompt is {len(text):,} characters long; ask in at most {MAX_QUESTION_CHARS:,}.")
+    most = service.deployment.limits.prompt_chars
+    if typed and len(text) > most:
+        warn(f"The prompt is {len(text):,} characters long; ask in at most {most:,}.")
         yield idle
         return
     try:

@@ -22,7 +22,6 @@ from jobs.merges import ADAPTER_KINDS
 from .common import error_text, warn
 
 MAX_SIDE_BY_SIDE = 4
-MAX_QUESTION_CHARS = 4000
 SAMPLES_FILE = Path(__file__).resolve().parents[1] / "assets" / "math_eval.json"
 ADAPTER_STATUSES = ("succeeded", "cancelled", "interrupted", "failed")
 
@@ -111,8 +110,9 @@ def respond(service: Any, question: str, models: list[str], histories: list[list
         warn("Type a question first (or click a sample problem).")
         yield histories
         return
-    if len(question) > MAX_QUESTION_CHARS:
-        warn(f"The question is {len(question):,} characters long; ask in at most {MAX_QUESTION_CHARS:,}.")
+    most = service.deployment.limits.prompt_chars
+    if len(question) > most:
+        warn(f"The question is {len(question):,} characters long; ask in at most {most:,}.")
         yield histories
         return
     if not models:

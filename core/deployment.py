@@ -51,6 +51,8 @@ class Limits:
     chat_new_tokens: int            # new tokens of one chat answer
     chat_models_resident: int       # models kept loaded for chat in the web process (LRU)
     eval_examples: int              # examples of one benchmark run (0 = all)
+    prompt_chars: int               # characters of one chat question or arena prompt
+    arena_battles: int              # arena battles one voter may start in 10 minutes (0 = no limit; admins: none)
 
 
 GiB = 2**30
@@ -60,15 +62,18 @@ DEFAULT_LIMITS: dict[str, Limits] = {
     "local": Limits(active_jobs_per_owner=1000, active_jobs_total=1000, max_steps=10_000_000, max_epochs=10_000.0,
                     max_wall_s=30 * 86400.0, study_jobs=2000, dataset_rows=50_000_000,
                     upload_bytes_per_owner=50 * GiB, upload_file_bytes=2 * GiB, min_free_disk_bytes=512 * MiB,
-                    chat_new_tokens=4096, chat_models_resident=4, eval_examples=0),
+                    chat_new_tokens=4096, chat_models_resident=4, eval_examples=0, prompt_chars=4000,
+                    arena_battles=0),
     "team": Limits(active_jobs_per_owner=16, active_jobs_total=64, max_steps=1_000_000, max_epochs=1000.0,
                    max_wall_s=7 * 86400.0, study_jobs=500, dataset_rows=10_000_000,
                    upload_bytes_per_owner=5 * GiB, upload_file_bytes=1 * GiB, min_free_disk_bytes=2 * GiB,
-                   chat_new_tokens=2048, chat_models_resident=3, eval_examples=0),
+                   chat_new_tokens=2048, chat_models_resident=3, eval_examples=0, prompt_chars=4000,
+                   arena_battles=300),
     "public": Limits(active_jobs_per_owner=3, active_jobs_total=12, max_steps=2000, max_epochs=10.0,
                      max_wall_s=2 * 3600.0, study_jobs=3, dataset_rows=50_000,
                      upload_bytes_per_owner=200 * MiB, upload_file_bytes=50 * MiB, min_free_disk_bytes=2 * GiB,
-                     chat_new_tokens=256, chat_models_resident=2, eval_examples=500),
+                     chat_new_tokens=256, chat_models_resident=2, eval_examples=500, prompt_chars=4000,
+                     arena_battles=30),
 }
 
 

@@ -15,9 +15,9 @@ Who may do what (checked here, whatever the UI shows):
 - a battle is voted on by the one who started it, once, after both answers are in;
 - generation obeys chat's limits (``core.generate`` caps new tokens at ``limits.chat_new_tokens`` and
   keeps ``limits.chat_models_resident`` models; ``generation_slot``: one answer at a time per visitor in
-  public mode), and a prompt is at most ``MAX_PROMPT_CHARS``, chat's ``MAX_QUESTION_CHARS``;
-- battles (hence votes) are rate-limited per voter: ``BATTLE_RATE[mode]`` battles per window
-  (admins and local mode are not limited).
+  public mode), and a prompt is at most ``limits.prompt_chars``, as a chat question;
+- battles (hence votes) are rate-limited per voter: ``limits.arena_battles`` per 10 minutes (30 in
+  public mode, 300 in team mode, none in local mode; admins are not limited).
 
 Part of the service API (``JobService`` inherits these methods); needs ``get``, ``files`` and
 ``resolve_model`` of the other mixins, and ``generation_slot`` (``uploads``).
@@ -47,12 +47,11 @@ from .schema import FINISHED, ArenaPool, ArenaVote, Job, utcnow
 
 log = logging.getLogger("workbench.arena")
 
-MAX_PROMPT_CHARS = 4000          # chat's MAX_QUESTION_CHARS (app.chat_tab; a test keeps them equal)
 MAX_POOL_MODELS = 16
 MAX_POOLS_PER_OWNER = 20          # non-admins
 MAX_KEY_CHARS = 600               # arena_votes.model_a / model_b
 ADAPTER_KINDS = ("train", "merge")
-BATTLE_RATE: dict[str, tuple[int, float]] = {"public": (30, 600.0), "team": (300, 600.0)}  # (battles, window s)
+BATTLE_WINDOW_S = 600.0  # the window of ``Limits.arena_battles``
 EXPORT_COLUMNS = ("id", "pool_id", "created_at", "voted_at", "voter", "prompt", "source", "example", "gold",
                   "model_a", "model_b", "answer_a", "answer_b", "vote", "max_new_tokens", "temperature", "top_p")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -203,9 +202,9 @@ class ArenaAPI(ServiceBase):
         prompt = (prompt if isinstance(prompt, str) else "").strip()
         if not prompt:
             raise JobError("type a prompt or pick a benchmark to draw one from")
-        if len(prompt) > MAX_PROMPT_CHARS:
+        if len(prompt) > self.deployment.limits.prompt_chars:
             raise JobError(f"the prompt is {len(prompt):,} characters long; the arena takes at most "
-                           f"{MAX_PROMPT_CHARS:,}")
+                           f"{self.deployment.limits.prompt_chars:,}")
         with self.db.read() as s:
             pool = self._pool(s, pool_id)
             pool_id, models = pool.id, [m for m in pool.models if self._still_there(s, m)]
@@ -234,7 +233,7 @@ class ArenaAPI(ServiceBase):
         index = secrets.randbelow(len(examples))
         ex = examples[index]
         prompt = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
-        return benchmark, index, prompt[:MAX_PROMPT_CHARS], ex["answer"]
+        return benchmark, index, prompt[:self.deployment.limits.prompt_chars], ex["answer"]
 
     @staticmethod
     def _still_there(s: Any, key: str) -> bool:
@@ -242,9 +241,9 @@ class ArenaAPI(ServiceBase):
         return kind == "base" or s.get(Job, ref) is not None
 
     def _check_battle_rate(self) -> None:
-        if self.actor.admin or self.deployment.mode not in BATTLE_RATE:
+        most, window = self.deployment.limits.arena_battles, BATTLE_WINDOW_S
+        if self.actor.admin or most <= 0:
             return
-        most, window = BATTLE_RATE[self.deployment.mode]
         since = utcnow() - dt.timedelta(seconds=window)
         with self.db.read() as s:
             recent = s.scalars(sa.select(ArenaVote.created_at).where(

@@ -348,11 +348,11 @@ def test_what_a_visitor_sends_is_checked(public_db, tiny_model_dir, data):
         other = alice.start_battle(pool, "hi", settings=QUICK)
         with pytest.raises(QuotaError, match="one answer at a time"):
             next(alice.battle_answers(other["id"]))
-    assert arena_api.MAX_PROMPT_CHARS == __import__("app.chat_tab").chat_tab.MAX_QUESTION_CHARS
 
 
-def test_battles_are_rate_limited_per_visitor(public_db, tiny_model_dir, data, monkeypatch):
-    monkeypatch.setitem(arena_api.BATTLE_RATE, "public", (3, 600.0))
+def test_battles_are_rate_limited_per_visitor(public_db, tiny_model_dir, data):
+    assert public_db.deployment.limits.arena_battles == 30
+    public_db.deployment = public_db.deployment.with_limits(arena_battles=3)
     alice, bob, root = (public_db.scoped(a) for a in (ALICE, BOB, ROOT))
     job = finished_job(public_db, alice, tiny_model_dir, data)
     pool = alice.create_arena_pool("p", [f"job:{job}", f"base:{DEFAULT_MODEL}"])
