@@ -32,7 +32,7 @@ from typing import Any
 
 from .deployment import Deployment, current
 from .hub import HubUnavailable, read_hub_dataset
-from .sources import ASSETS, SourceError, resolve_data
+from .sources import ASSETS, SourceError, builtin_rows, resolve_data
 
 BUILTIN_MATH = "builtin:math"
 BUILTIN_FILES = {BUILTIN_MATH: ASSETS / "math_eval.json"}
@@ -135,7 +135,7 @@ def _answer_type(benchmark_or_type: Any) -> str:
     info = benchmark_info(text)
     if info is not None:
         return info.answer_type
-    if _key(text) == _key(BUILTIN_MATH):
+    if _key(text) == _key(BUILTIN_MATH) or text.startswith(BUILTIN_MATH + "?"):
         return "number"
     raise BenchmarkError(f"unknown answer type or benchmark {text!r}; answer types: {', '.join(ANSWER_TYPES)}")
 
@@ -335,11 +335,8 @@ def load_benchmark(name_or_path: str | Path, data_dir: str | Path | None = None,
     source = str(name_or_path).strip()
     if not source:
         raise BenchmarkError("name a benchmark: a registry name (e.g. AddSub), a file path or builtin:math")
-    if _key(source) == _key(BUILTIN_MATH):
-        path = BUILTIN_FILES[BUILTIN_MATH]
-        if not path.is_file():
-            raise BenchmarkError(f"the built-in math benchmark is missing ({path}); reinstall the workbench")
-        return Benchmark(BUILTIN_MATH, "number", _normalise(_read_rows(path), BUILTIN_MATH), str(path))
+    if _key(source) == _key(BUILTIN_MATH) or source.startswith("builtin:"):
+        return _builtin_benchmark(BUILTIN_MATH if _key(source) == _key(BUILTIN_MATH) else source)
     info = benchmark_info(source)
     if info is not None:
         directory = eval_dir(data_dir)
@@ -367,6 +364,19 @@ def load_benchmark(name_or_path: str | Path, data_dir: str | Path | None = None,
     info = _info_for_path(named)
     kind = info.answer_type if info else infer_answer_type([e["answer"] for e in examples], where.display_name)
     return Benchmark(info.name if info else named.stem, kind, examples, str(path))
+
+
+def _builtin_benchmark(source: str) -> Benchmark:
+    """``builtin:math``'s evaluation set, or the part its ``ops`` filter keeps (``builtin:math?ops=mul,div``:
+    named so, its evaluations are recorded apart from the whole set's)."""
+    path = BUILTIN_FILES[BUILTIN_MATH]
+    if not path.is_file():
+        raise BenchmarkError(f"the built-in math benchmark is missing ({path}); reinstall the workbench")
+    try:
+        rows = builtin_rows(source, _read_rows(path), field="eval.benchmarks")
+    except SourceError as err:
+        raise BenchmarkError(err.message) from None
+    return Benchmark(source, "number", _normalise(rows, source), str(path))
 
 
 _count_cache: dict[tuple[str, int, int], int] = {}

@@ -29,7 +29,7 @@ from .config import BUILTIN_DATASET
 from .fields import ConfigError
 from .deployment import Deployment, current
 from .hub import HubUnavailable, read_hub_dataset
-from .sources import BUILTIN_DATA, DATA_FILE_TYPES, DataSource, SourceError, resolve_data
+from .sources import BUILTIN_DATA, DATA_FILE_TYPES, DataSource, SourceError, builtin_rows, resolve_data
 from .templates import render_prompt
 
 BUILTIN_FILES = BUILTIN_DATA  # builtin:* name -> file (defined in core.sources, the one place for sources)
@@ -190,7 +190,7 @@ def load_records(source: str, columns: dict[str, str] | None = None, limit: int 
                  uploads_dir: str | Path | None = None) -> Records:
     """Load and normalise instruction data; raise ``DataError`` naming the file and row at fault.
 
-    ``source``: ``builtin:math``, a ``.json`` (a list of objects, or JSON Lines), ``.jsonl`` or ``.csv``
+    ``source``: ``builtin:math`` (or a part of it by operations, ``builtin:math?ops=add,sub``), a ``.json`` (a list of objects, or JSON Lines), ``.jsonl`` or ``.csv``
     file, an upload, or a hub dataset id (its train split), as ``core.sources.resolve_data`` allows in
     this deployment. ``columns`` maps our names (instruction, input, output, answer) to the file's.
     ``limit`` keeps the first N usable rows (0 = all). ``display_name`` is what messages call the file
@@ -218,7 +218,13 @@ def load_records(source: str, columns: dict[str, str] | None = None, limit: int 
     found = DataSource(found.kind, found.name, found.location, name, found.format)
     cap = int(d.limits.dataset_rows or 0)
     wanted = [n for n in (cap + 1 if cap else 0, limit) if n]  # rows worth reading (cap + 1: to know it cut)
-    raw = _raw_rows(found, int(d.limits.upload_file_bytes or 0), min(wanted) if wanted else 0)
+    if found.kind == "builtin":  # read whole (a shipped file), then its ops filter (SourceError on data.source)
+        try:
+            raw = builtin_rows(found.name, _raw_rows(found, 0, 0))
+        except SourceError as err:
+            raise DataError(err.message, err.field) from None
+    else:
+        raw = _raw_rows(found, int(d.limits.upload_file_bytes or 0), min(wanted) if wanted else 0)
     records = Records()
     records.skipped, records.notes = [], []
     if cap and len(raw) > cap:

@@ -7,7 +7,8 @@ classified and checked here, once, against the deployment's rules (``core.deploy
 kind           what                                                        allowed
 =============  ==========================================================  =========================
 ``catalogue``  a model of ``CATALOGUE`` (the embedded SmolLM2)             every mode
-``builtin``    a data set shipped with the workbench (``builtin:math``)    every mode
+``builtin``    a data set shipped with the workbench (``builtin:math``,     every mode
+               or a part of it: ``builtin:math?ops=add,sub``)
 ``upload``     a file under ``$WORKBENCH_HOME/uploads/`` (by real path)     every mode
 ``local``      any other path on the server                                local: anywhere, or under
                                                                            ``data_dirs`` when set;
@@ -56,6 +57,9 @@ from .paths import workbench_home
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUILTIN_DATA: dict[str, Path] = {BUILTIN_DATASET: ASSETS / "math_train.json"}
+# The operations a built-in problem is tagged with (``core.mathgen``): ``builtin:math?ops=add,sub`` keeps the
+# problems whose operations are all among those named.
+MATH_OPS = ("add", "sub", "mul", "div")
 DATA_FILE_TYPES = (".json", ".jsonl", ".csv")
 MODEL_KINDS = ("catalogue", "local", "hub")
 DATA_KINDS = ("builtin", "upload", "local", "hub")
@@ -289,10 +293,8 @@ def resolve_data(source: str, deployment: Deployment | None = None, field: str =
         raise ValueError(f"unknown data source kind {kind!r}; use {', '.join(DATA_KINDS)}")
     hint = _data_hint(d)
     if source.startswith("builtin:"):
-        if source not in BUILTIN_DATA:
-            raise SourceError(field, f"unknown built-in dataset {_shown(source)}; known: {', '.join(BUILTIN_DATA)}")
-        found = _expect(DataSource("builtin", source, str(BUILTIN_DATA[source]), source, ".json"), kind, d, field)
-        return found
+        base, _ = split_builtin(source, field)
+        return _expect(DataSource("builtin", source, str(BUILTIN_DATA[base]), source, ".json"), kind, d, field)
     suffix = os.path.splitext(source)[1].lower()
     if not _looks_like_path(source) and not _exists(source) and suffix not in DATA_FILE_TYPES and is_hub_id(source):
         if d.public and source not in d.allowed_datasets:
@@ -323,6 +325,41 @@ def resolve_data(source: str, deployment: Deployment | None = None, field: str =
         raise SourceError(field, _type_message(source, suffix))
     display = upload_display_name(real) if where == "upload" else (os.path.basename(source) or source)
     return _expect(DataSource(where, source, real, display, suffix), kind, d, field)
+
+
+def split_builtin(source: str, field: str = "data.source") -> tuple[str, tuple[str, ...] | None]:
+    """``builtin:math`` -> ``("builtin:math", None)``; ``builtin:math?ops=add,sub`` -> ``("builtin:math",
+    ("add", "sub"))``: the rows whose operations (their ``ops``) are all among these. Strict: one
+    ``ops`` filter of known, distinct operations, else ``SourceError`` on ``field`` naming the allowed ones."""
+    base, sep, query = str(source).strip().partition("?")
+    if base not in BUILTIN_DATA:
+        raise SourceError(field, f"unknown built-in dataset {_shown(base)}; known: {', '.join(BUILTIN_DATA)}")
+    if not sep:
+        return base, None
+    key, eq, value = query.partition("=")
+    if key != "ops" or not eq:
+        raise SourceError(field, f"{_shown(source)}: the only filter of a built-in set is ops=<operations> "
+                                 f"(comma-separated, of {', '.join(MATH_OPS)}), e.g. {base}?ops=add,sub")
+    ops = tuple(value.split(","))
+    unknown = [op for op in ops if op not in MATH_OPS]
+    if unknown or not value:
+        raise SourceError(field, f"{_shown(source)}: unknown operation {_shown(unknown[0] if unknown else '')} in "
+                                 f"ops; the operations are {', '.join(MATH_OPS)}")
+    if len(set(ops)) != len(ops):
+        raise SourceError(field, f"{_shown(source)}: each operation may be named once in ops")
+    return base, ops
+
+
+def builtin_rows(source: str, rows: list[tuple[str, Any]], field: str = "data.source") -> list[tuple[str, Any]]:
+    """The ``(where, row)`` pairs of built-in set ``source`` that its ``ops`` filter keeps (all without one):
+    rows whose ``ops`` are all among those named (a row without ``ops`` never). ``SourceError`` when none are."""
+    _, ops = split_builtin(source, field)
+    if ops is None:
+        return rows
+    kept = [(w, r) for w, r in rows if isinstance(r, dict) and set(r.get("ops") or ("?",)) <= set(ops)]
+    if not kept:
+        raise SourceError(field, f"{_shown(source)}: no problem uses only {', '.join(ops)}")
+    return kept
 
 
 def _type_message(source: str, suffix: str) -> str:

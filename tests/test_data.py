@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from core import data, mathgen
+from core import benchmarks, data, mathgen
 from core.fields import ConfigError
+from core.sources import resolve_data
 from core.templates import render_prompt
 from tests.tiny import tiny_tokenizer
 
@@ -327,7 +328,9 @@ def test_mathgen_deterministic_and_well_formed():
     assert a != mathgen.generate_problems(300, seed=6)
     assert len({r["instruction"] for r in a}) == 300
     for r in a:
-        assert set(r) == {"instruction", "input", "output", "answer"} and r["input"] == ""
+        assert set(r) == {"instruction", "input", "output", "answer", "ops"} and r["input"] == ""
+        assert r["ops"] == [op for op, sign in zip("add sub mul div".split(), "+-*/")
+                            if any(sign in lhs for lhs, _ in EXPR.findall(r["output"]))]
         assert re.fullmatch(r"-?\d+", r["answer"])
         assert r["output"].endswith(f"The answer is {r['answer']}.")
     assert len(mathgen.TEMPLATES) >= 25
@@ -364,6 +367,49 @@ def test_committed_assets_equal_a_fresh_generation():
     assert json.loads((mathgen.ASSETS / "math_eval.json").read_text()) == evaluation
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in evaluation}
     assert mathgen.ASSETS == data.BUILTIN_FILES["builtin:math"].parent
+
+
+def test_mathgen_operations_tag_each_template():
+    seen = {}
+    for template in mathgen.TEMPLATES:
+        _, steps, _ = template(random.Random(0))
+        seen[template.__name__] = mathgen.operations(steps)
+    assert seen["add_two"] == ["add"] and seen["subtract"] == ["sub"] and seen["divide_share"] == ["div"]
+    assert seen["change_back"] == ["sub", "mul"] and seen["half_then_add"] == ["add", "div"]
+    assert all(seen.values()), seen  # every problem uses at least one operation
+    assert mathgen.operations("At noon it was -5 + 3 = -2. At night -2 - 4 = -6.") == ["add", "sub"]
+
+
+@pytest.mark.parametrize("ops", [("add", "sub"), ("mul", "div"), ("div",)])
+def test_builtin_filter_by_operations(ops):
+    whole = json.loads((mathgen.ASSETS / "math_train.json").read_text())
+    wanted = [r for r in whole if set(r["ops"]) <= set(ops)]
+    records = data.load_records("builtin:math?ops=" + ",".join(ops))
+    assert 0 < len(records) == len(wanted) < len(whole)
+    assert [r["instruction"] for r in records] == [r["instruction"] for r in wanted]
+    bench = benchmarks.load_benchmark("builtin:math?ops=" + ",".join(ops))
+    assert bench.name == "builtin:math?ops=" + ",".join(ops) and bench.answer_type == "number"
+    evaluation = json.loads((mathgen.ASSETS / "math_eval.json").read_text())
+    assert len(bench) == sum(set(r["ops"]) <= set(ops) for r in evaluation) > 0
+    assert len(data.load_records("builtin:math")) == len(whole)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("builtin:math?ops=add,pow", "unknown operation 'pow' in ops; the operations are add, sub, mul, div"),
+    ("builtin:math?ops=", "unknown operation '' in ops"),
+    ("builtin:math?ops=add,add", "each operation may be named once"),
+    ("builtin:math?level=2", "the only filter of a built-in set is ops=<operations>"),
+    ("builtin:math?ops", "the only filter of a built-in set is ops=<operations>"),
+    ("builtin:maths?ops=add", "unknown built-in dataset 'builtin:maths'"),
+])
+def test_builtin_filter_is_strict(source, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        data.load_records(source)
+    assert err.value.field == "data.source"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_data(source, field="data.source")
+    with pytest.raises(benchmarks.BenchmarkError, match=re.escape(message)):
+        benchmarks.load_benchmark(source)
 
 
 def test_builtin_tokenises_quickly_with_smollm2(smol_tok):
