@@ -268,6 +268,7 @@ def arena_win_rate_figure(labels: Sequence[str], win_rate: Sequence[Sequence[flo
                       xaxis=dict(type="category"), yaxis=dict(type="category", autorange="reversed"))
     return fig
 
+
 def delta_heatmaps(tables: Sequence[tuple[str, dict[str, Any]]]) -> go.Figure:
     """One heat map of ``||ΔW||_F`` per adapter (layer x module, ``core.merge.delta_norms`` tables), side by
     side on one colour scale so their sizes compare; a module an adapter leaves alone is blank."""
@@ -285,4 +286,27 @@ def delta_heatmaps(tables: Sequence[tuple[str, dict[str, Any]]]) -> go.Figure:
     fig.update_layout(**{**LAYOUT, "height": 420}, coloraxis=dict(colorscale="Viridis", cmin=0, cmax=top,
                                                                   colorbar=dict(title="||ΔW||")))
     fig.update_yaxes(title_text="layer", col=1)
+    return fig
+
+
+def search_figure(series: Sequence[tuple[str, Iterable[dict[str, Any]]]]) -> go.Figure:
+    """The accuracy of each point a weight search scored (its metric points of type ``"search"``, whose
+    ``loss`` is ``1 - accuracy``: ``core.weight_search.search_record``) with the best so far, per job."""
+    fig = go.Figure()
+    for i, (label, points) in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        tried = sorted((p["step"], 100 * (1 - p["loss"])) for p in points
+                       if p.get("type") == "search" and p.get("loss") is not None)
+        if not tried:
+            continue
+        steps, scores = [s for s, _ in tried], [a for _, a in tried]
+        best = [max(scores[:k + 1]) for k in range(len(scores))]
+        fig.add_trace(go.Scatter(x=steps, y=scores, mode="markers", name=f"{label} · point",
+                                 marker=dict(color=color, size=8), legendgroup=f"job{i}"))
+        fig.add_trace(go.Scatter(x=steps, y=best, mode="lines", name=f"{label} · best so far",
+                                 line=dict(color=color, width=2, shape="hv"), legendgroup=f"job{i}"))
+    if not fig.data:
+        return empty_figure("No points yet: each appears as soon as the search has scored it")
+    fig.update_layout(**LAYOUT, xaxis=dict(title="point", rangemode="tozero"),
+                      yaxis=dict(title="accuracy (%)", rangemode="tozero"))
     return fig

@@ -25,9 +25,11 @@ from core import methods as registry
 from jobs.artifacts import ARTIFACT_LABELS
 from jobs.devices import GiB
 from jobs.errors import JobError
+from jobs.merges import MERGE_KINDS
 
-from .charts import empty_figure, loss_figure
+from .charts import empty_figure, loss_figure, search_figure
 from .common import error_text, error_update, fmt_duration, fmt_float, guarded, warn
+from .merge_tab import merge_facts
 from .workers_panel import build_workers_panel, refresh_workers
 
 POLL_SECONDS = 2.0
@@ -44,6 +46,14 @@ ARTIFACTS = ARTIFACT_LABELS
 
 def method_of(job: dict[str, Any]) -> str:
     return ((job.get("spec") or {}).get("adapter") or {}).get("method", "")
+
+
+def method_text(job: dict[str, Any]) -> str:
+    """The method column: the adapter method, and for a merge or weight search the merge method too."""
+    merge = (job.get("info") or {}).get("merge") or {}
+    if job.get("kind") in MERGE_KINDS and merge.get("method"):
+        return f"{method_of(job)} · {merge['method']}"
+    return method_of(job)
 
 
 def progress_text(job: dict[str, Any]) -> str:
@@ -80,7 +90,7 @@ def job_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
     for j in jobs:
         p = j.get("progress") or {}
         eta = fmt_duration(p.get("eta_s")) if j["status"] == "running" else ""
-        rows.append([j["id"], j.get("name") or "", j.get("kind") or "", method_of(j),
+        rows.append([j["id"], j.get("name") or "", j.get("kind") or "", method_text(j),
                      f"{STATUS_ICONS.get(j['status'], '')} {j['status']}", progress_text(j), eta,
                      fmt_float(j.get("best_val_loss")), (j.get("created_at") or "")[:16].replace("T", " "),
                      ran_on(j)])
@@ -108,6 +118,8 @@ def status_markdown(job: dict[str, Any] | None) -> str:
         model = ((job.get("spec") or {}).get("model") or {}).get("name")
         if model:
             facts.append(f"base `{model}`")
+    elif job.get("kind") in MERGE_KINDS:
+        facts.extend(merge_facts(job))
     if p.get("total"):
         facts.append(f"step **{p.get('step') or 0}/{p['total']}**")
     if job["status"] == "running" and p.get("phase"):
@@ -165,17 +177,19 @@ def _ids(selected: Any, overlay: Any) -> list[int]:
 
 def chart(service: Any, jobs_by_id: dict[int, dict[str, Any]], ids: list[int], smoothing: float,
           log_scale: bool):
+    """Loss curves of the training jobs among ``ids``; with none, the scored points of the weight searches."""
     if not ids:
         return empty_figure("Select a job to see its loss curves")
-    series = []
+    series: dict[str, list] = {"train": [], "weight-search": []}
     for i in ids:
         job = jobs_by_id.get(i)
-        if job is None or job.get("kind") != "train":
-            continue
-        series.append((f"#{i} {job.get('name') or ''}".strip(), service.metrics(i, history=True)))
-    if not series:
-        return empty_figure("Evaluation jobs have no loss curve: select a training job")
-    return loss_figure(series, smoothing=smoothing or 0.0, log_scale=bool(log_scale))
+        if job is not None and job.get("kind") in series:
+            series[job["kind"]].append((f"#{i} {job.get('name') or ''}".strip(), service.metrics(i, history=True)))
+    if series["train"]:
+        return loss_figure(series["train"], smoothing=smoothing or 0.0, log_scale=bool(log_scale))
+    if series["weight-search"]:
+        return search_figure(series["weight-search"])
+    return empty_figure("Only training jobs have loss curves and weight searches score charts: select one")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ the merge method and its settings; the heat maps show ``||ΔW||`` per layer and 
 (``JobService.adapter_norms``, read from the saved factors) and the plan its rank and size
 (``plan_merge``): nothing is merged in the web process. Launch queues the job; afterwards the result's
 heat map and retained energy show here, and "Compare with parents" opens the Compare tab on the merge
-and its parents. Handlers are plain functions of the service and widget values.
+and its parents. "Search the weights" queues a weight-search job instead (``JobService.submit_weight_search``):
+the same parents, method and settings, the weights above as its first point, each point scored on a benchmark
+slice; its result shows here with the score of each point tried. Handlers are plain functions of the service
+and widget values.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from core import methods
 from core.fields import ConfigError
 from core.merge import MERGE_METHODS, USES_DENSITY, USES_DROP
 from jobs.compare import job_key
-from jobs.merges import ADAPTER_KINDS
+from jobs.merges import ADAPTER_KINDS, MERGE_KINDS
 from jobs.schema import ACTIVE
 
-from .charts import delta_heatmaps
+from .charts import delta_heatmaps, empty_figure, search_figure
 from .common import error_text, error_update, guarded
 from .train_tab import benchmark_choices
 
@@ -40,8 +43,9 @@ def parent_choices(service: Any) -> list[tuple[str, int]]:
 
 
 def merge_choices(service: Any) -> list[tuple[str, int]]:
-    """(label, id) of this user's merge jobs, newest first."""
-    return [(f"#{j['id']} {j.get('name') or ''} · {j['status']}", j["id"]) for j in service.list_jobs(kind="merge")]
+    """(label, id) of this user's merge and weight-search jobs, newest first."""
+    return [(f"#{j['id']} {j.get('name') or ''} · {j['status']}", j["id"]) for j in service.list_jobs()
+            if j["kind"] in MERGE_KINDS]
 
 
 def parse_weights(text: Any, n: int) -> list[float]:
@@ -105,6 +109,41 @@ def launch(service: Any, parents: Any, method: str, weights: Any, rank: Any, den
             gr.update(choices=merge_choices(service), value=job_id))
 
 
+def _whole(value: Any) -> Any:
+    """A whole number from a ``gr.Number`` (which gives floats), anything else as it is (the service checks)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def launch_search(service: Any, parents: Any, method: str, weights: Any, rank: Any, density: Any, drop: Any,
+                  seed: Any, benchmark: Any, limit: Any, budget: Any, low: Any, high: Any, search_seed: Any,
+                  name: str | None) -> tuple[dict, str, Any]:
+    """Queue a weight search: (error box, status Markdown, the new job id for the results dropdown, or skip)."""
+    ids = _ids(parents)
+    try:
+        job_id = service.submit_weight_search(
+            ids, settings_from_form(ids, method, weights, rank, density, drop, seed),
+            {"budget": _whole(budget), "low": low, "high": high, "seed": _whole(search_seed)},
+            benchmark if isinstance(benchmark, str) else "", eval_settings={"limit": _whole(limit)},
+            name=(name or "").strip() or None)
+    except Exception as err:
+        return error_update(error_text(err)), "", gr.skip()
+    return (error_update(None), f"Queued weight-search job **#{job_id}**: {_whole(budget)} points scored on "
+                                f"`{benchmark}`. Each point's score shows below and in the Jobs tab as it comes.",
+            gr.update(choices=merge_choices(service), value=job_id))
+
+
+def search_chart(service: Any, job_id: Any) -> dict:
+    """The chart of a weight search's scored points (hidden for a plain merge)."""
+    if job_id in (None, ""):
+        return gr.update(visible=False)
+    job = service.get(int(job_id))
+    if job["kind"] != "weight-search":
+        return gr.update(visible=False)
+    figure = search_figure([(f"#{job['id']}", service.metrics(job["id"]))]) if job["status"] != "queued" else \
+        empty_figure("Queued: each point appears as soon as the search has scored it")
+    return gr.update(value=figure, visible=True)
+
+
 def result(service: Any, merge_id: Any) -> tuple[Any, str]:
     """(the result's heat map next to its parents', Markdown with its status and retained energy)."""
     if merge_id in (None, ""):
@@ -112,9 +151,7 @@ def result(service: Any, merge_id: Any) -> tuple[Any, str]:
     job = service.get(int(merge_id))
     info = job.get("info") or {}
     parents = info.get("parents") or []
-    settings = info.get("merge") or {}
-    lines = [f"**#{job['id']}** {info.get('method_label', settings.get('method', ''))} of "
-             + ", ".join(f"#{p}" for p in parents) + f" with weights {settings.get('weights')} — {job['status']}"]
+    lines = [f"**#{job['id']}** " + " · ".join(merge_facts(job)) + f" — {job['status']}"]
     if job["status"] != "succeeded":
         if job.get("error"):
             lines.append(f"**Error:** {job['error']}")
@@ -135,6 +172,24 @@ def result(service: Any, merge_id: Any) -> tuple[Any, str]:
         except Exception as err:  # a parent deleted since: the merge still shows
             lines.append(f"#{i}: {error_text(err)}")
     return delta_heatmaps(tables), "\n\n".join(lines)
+
+
+def merge_facts(job: dict[str, Any]) -> list[str]:
+    """What a merge or weight-search job combines, and the best mixture a finished search found."""
+    info, result = job.get("info") or {}, job.get("result") or {}
+    parents = ", ".join(f"#{p}" for p in info.get("parents") or [])
+    facts = [f"{info.get('method_label') or (info.get('merge') or {}).get('method', '')} of {parents}"]
+    if job.get("kind") == "weight-search":
+        search = info.get("search") or {}
+        bench = ", ".join((job.get("spec") or {}).get("eval", {}).get("benchmarks") or [])
+        facts.append(f"{search.get('budget')} points in [{search.get('low')}, {search.get('high')}] scored on `{bench}`")
+        if result.get("weights") is not None:
+            weights = ", ".join(f"{w:.3f}" for w in result["weights"])
+            facts.append(f"best **#{result.get('best_point')}** ({weights}): accuracy "
+                         f"**{100 * result.get('score', 0):.1f}%**")
+    elif (info.get("merge") or {}).get("weights") is not None:
+        facts.append(f"weights {info['merge']['weights']}")
+    return facts
 
 
 def compare_keys(service: Any, merge_id: Any) -> list[str]:
@@ -172,7 +227,15 @@ class MergeTab:
     heatmap: Any
     launch_button: Any
     status: Any
+    search_benchmark: Any
+    search_limit: Any
+    search_budget: Any
+    search_low: Any
+    search_high: Any
+    search_seed: Any
+    search_button: Any
     merge_job: Any
+    search_plot: Any
     result_text: Any
     result_map: Any
     compare_button: Any
@@ -205,17 +268,32 @@ def build_merge_tab(service: Any) -> MergeTab:
     message = gr.Markdown("", visible=False, elem_classes="error-box")
     heatmap = gr.Plot(delta_heatmaps([]), show_label=False)
     launch_button = gr.Button("Merge", variant="primary")
+    with gr.Accordion("Search the weights (a job scoring mixtures on a benchmark slice)", open=False):
+        with gr.Row(equal_height=True):
+            search_benchmark = gr.Dropdown(choices=benchmark_choices(), value="builtin:math", allow_custom_value=True,
+                                           label="score on", scale=3,
+                                           info="a benchmark, builtin:math?ops=add,sub, or a file of labelled examples")
+            search_limit = gr.Number(value=20, precision=0, label="examples", info="0 = all", scale=1)
+            search_budget = gr.Number(value=12, precision=0, label="points", info="the weights above first", scale=1)
+            search_low = gr.Number(value=0.0, label="lowest weight", scale=1)
+            search_high = gr.Number(value=1.0, label="highest weight", scale=1)
+            search_seed = gr.Number(value=0, precision=0, label="search seed", scale=1)
+        search_button = gr.Button("Search the weights")
     status = gr.Markdown("")
     gr.Markdown("### Results", elem_classes="section-title")
     with gr.Row(equal_height=True):
         merge_job = gr.Dropdown(choices=[], value=None, label="merge job", scale=3)
         compare_button = gr.Button("Compare with parents", scale=1)
     result_text = gr.Markdown("")
+    search_plot = gr.Plot(empty_figure(), show_label=False, visible=False)
     result_map = gr.Plot(delta_heatmaps([]), show_label=False)
     tab = MergeTab(parents=parents, refresh_button=refresh_button, weights=weights, method=method, rank=rank,
                    density=density, drop=drop, seed=seed, benchmarks=benchmarks, evaluate_parents=evaluate_parents,
                    name=name, plan=plan, message=message, heatmap=heatmap, launch_button=launch_button,
-                   status=status, merge_job=merge_job, result_text=result_text, result_map=result_map,
+                   status=status, search_benchmark=search_benchmark, search_limit=search_limit,
+                   search_budget=search_budget, search_low=search_low, search_high=search_high,
+                   search_seed=search_seed, search_button=search_button, merge_job=merge_job,
+                   search_plot=search_plot, result_text=result_text, result_map=result_map,
                    compare_button=compare_button, compare_event=None, compare_models=gr.State([]))
     _wire(tab, service)
     return tab
@@ -241,6 +319,10 @@ def _wire(tab: MergeTab, service: Any) -> None:
     tab.launch_button.click(guarded(3, 0)(lambda *v: launch(service, *v)),
                             [*tab.form, tab.benchmarks, tab.evaluate_parents, tab.name],
                             [tab.message, tab.status, tab.merge_job])
+    tab.search_button.click(guarded(3, 0)(lambda *v: launch_search(service, *v)),
+                            [*tab.form, tab.search_benchmark, tab.search_limit, tab.search_budget, tab.search_low,
+                             tab.search_high, tab.search_seed, tab.name], [tab.message, tab.status, tab.merge_job])
     tab.merge_job.change(guarded(2)(lambda m: result(service, m)), tab.merge_job, [tab.result_map, tab.result_text])
+    tab.merge_job.change(guarded(1)(lambda m: search_chart(service, m)), tab.merge_job, tab.search_plot)
     tab.compare_event = tab.compare_button.click(guarded(1)(lambda m: compare_keys(service, m)), tab.merge_job,
                                                  tab.compare_models)

@@ -297,12 +297,34 @@ def merge_adapters(directories: Sequence[str | Path], out_dir: str | Path, setti
     ``names`` label the parents in errors (default: their paths). Raises ``ConfigError`` for invalid
     settings, a method that cannot merge or incompatible parents (naming which and why).
     """
+    return write_merge(read_parents(directories, names), settings, out_dir)
+
+
+def read_parents(directories: Sequence[str | Path], names: Sequence[str] | None = None) -> list[Parent]:
+    """The parents read and checked compatible (``ConfigError`` naming the one at fault)."""
     if not directories:
         raise ConfigError("adapters", "choose at least one adapter to merge")
     names = list(names) if names is not None else [str(d) for d in directories]
-    settings.validate(len(directories))
     parents = [read_parent(d, n) for d, n in zip(directories, names)]
     check_compatible(parents)
+    return parents
+
+
+def write_merge(parents: Sequence[Parent], settings: MergeSettings, out_dir: str | Path) -> MergeResult:
+    """Merge read parents (``merge_blocks``) and write the result and its report to ``out_dir``."""
+    blocks, result = merge_blocks(parents, settings, out_dir)
+    _write(Path(out_dir), parents, result.rank, blocks, {
+        "method": settings.method, "settings": settings.to_dict(), "parents": [p.name for p in parents],
+        "rank": result.rank, "energy": result.energy})
+    (Path(out_dir) / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def merge_blocks(parents: Sequence[Parent], settings: MergeSettings,
+                 out_dir: str | Path = "") -> tuple[dict[tuple[str, int], Block], MergeResult]:
+    """The merged blocks of compatible ``parents``, in memory, and what they make (``out_dir``: where the
+    result will be written, for its record). ``ConfigError`` for invalid settings."""
+    settings.validate(len(parents))
     magnitudes = any(b.magnitude is not None for b in parents[0].blocks.values())
     if magnitudes and sum(settings.weights) <= 0:
         raise ConfigError("weights", "magnitude vectors (DoRA) are averaged by the weights: their sum must be positive")
@@ -331,12 +353,7 @@ def merge_adapters(directories: Sequence[str | Path], out_dir: str | Path, setti
     all_kept, all_total = sum(k for k, _ in kept.values()), sum(t for _, t in kept.values())
     energy = all_kept / all_total if all_total > 0 else 1.0
     params = sum(b.A.numel() + b.B.numel() for b in blocks.values())
-    result = MergeResult(str(out_dir), settings.method, rank, params, energy, module_energy)
-    _write(Path(out_dir), parents, rank, blocks, {
-        "method": settings.method, "settings": settings.to_dict(), "parents": names, "rank": rank,
-        "energy": energy})
-    (Path(out_dir) / REPORT_FILE).write_text(json.dumps(result.to_dict(), indent=2))
-    return result
+    return blocks, MergeResult(str(out_dir), settings.method, rank, params, energy, module_energy)
 
 
 def parent_rank(adapter: dict[str, Any]) -> int:
@@ -365,10 +382,9 @@ def result_config(adapters: Sequence[dict[str, Any]], rank: int) -> AdapterConfi
     return cfg.validate()
 
 
-def _write(out: Path, parents: Sequence[Parent], rank: int, blocks: dict[tuple[str, int], Block],
-           merge_info: dict[str, Any]) -> None:
-    """Write the merged blocks as an adapter of rank ``rank`` (``result_config``)."""
-    cfg = result_config([p.meta["adapter"] for p in parents], rank)
+def block_tensors(blocks: dict[tuple[str, int], Block]) -> dict[str, torch.Tensor]:
+    """Merged blocks as the tensors of an adapter's weights file, keyed as the attached adapter's own
+    parameters are (``core.inject.load_adapter`` matches them strictly)."""
     tensors: dict[str, torch.Tensor] = {}
     for path in dict.fromkeys(p for p, _ in sorted(blocks)):
         roles = [blocks[(path, i)] for i in range(sum(k[0] == path for k in blocks))]
@@ -377,8 +393,15 @@ def _write(out: Path, parents: Sequence[Parent], rank: int, blocks: dict[tuple[s
             tensors[f"{path}.lora_B.{i}"] = b.B.contiguous()
             if b.magnitude is not None:
                 tensors[f"{path}.lora_magnitude.{i}"] = b.magnitude.contiguous()
+    return tensors
+
+
+def _write(out: Path, parents: Sequence[Parent], rank: int, blocks: dict[tuple[str, int], Block],
+           merge_info: dict[str, Any]) -> None:
+    """Write the merged blocks as an adapter of rank ``rank`` (``result_config``)."""
+    cfg = result_config([p.meta["adapter"] for p in parents], rank)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
+    save_file({k: v.float() for k, v in block_tensors(blocks).items()}, str(out / WEIGHTS_FILE))
     keep = ("format", "format_version", "base_model", "model_type", "versions")
     meta = {**{k: parents[0].meta[k] for k in keep if k in parents[0].meta}, "adapter": cfg.to_dict(),
             "merge": merge_info}
@@ -426,12 +449,9 @@ def estimate(directories: Sequence[str | Path], settings: MergeSettings,
              names: Sequence[str] | None = None) -> dict[str, Any]:
     """The rank, parameter count and file size (fp32) a merge would make, from the parents' files; the
     merge's own checks first (``ConfigError`` for invalid settings or incompatible parents, naming them)."""
-    if not directories:
-        raise ConfigError("adapters", "choose at least one adapter to merge")
-    settings.validate(len(directories))
-    names = list(names) if names is not None else [str(d) for d in directories]
-    parents = [read_parent(d, n) for d, n in zip(directories, names)]
-    check_compatible(parents)
+    if directories:
+        settings.validate(len(directories))
+    parents = read_parents(directories, names)
     r = result_rank([p.meta["adapter"] for p in parents], settings)
     shapes = [(b.B.shape[0], b.A.shape[1]) for b in parents[0].blocks.values()]
     params = sum(r * (rows + cols) for rows, cols in shapes)

@@ -10,6 +10,8 @@
     python -m jobs export ID [--kind adapter|peft|merged]                   # prints the zip's path
     python -m jobs merge ID ID... [--method ties] [--weights 0.5,0.5] [--rank R] [--density D] [--drop P]
                          [--seed S] [--benchmarks B,B] [--name NAME]         # prints the merge job's id
+    python -m jobs weight-search ID ID... --benchmark B [merge's options] [--budget N] [--low L] [--high H]
+                         [--search-seed S] [--limit N]                       # prints the search job's id
     python -m jobs evaluations [--job ID] [--json]
     python -m jobs worker [--devices auto|cpu|cuda|cuda:0,1] [--tag NAME] [--concurrency N]
                           [--lease S] [--heartbeat S] [--poll S] [--until-idle]
@@ -165,6 +167,20 @@ def _merge_settings(args: argparse.Namespace) -> dict[str, Any]:
             "drop": args.drop, "seed": args.seed}
 
 
+def _merge_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand taking parent job ids and the merge settings (``merge``, ``weight-search``)."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="finished jobs whose adapters to merge")
+    p.add_argument("--method", default="ties", help="cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune")
+    p.add_argument("--weights", help="one weight per adapter, comma-separated (default: equal, summing to 1)")
+    p.add_argument("--rank", type=int, help="rank r' of the result (default: the largest parent rank; not for cat)")
+    p.add_argument("--density", type=float, default=0.2, help="TIES, magnitude prune: fraction of entries kept")
+    p.add_argument("--drop", type=float, default=0.5, help="DARE: drop probability p")
+    p.add_argument("--seed", type=int, default=0, help="DARE: seed of the masks")
+    p.add_argument("--name")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs", description="Adapter Workbench background jobs")
     parser.add_argument("--db", help="database URL (default $WORKBENCH_DB_URL or $WORKBENCH_HOME/workbench.db)")
@@ -196,17 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="zip the job's adapter")
     p.add_argument("id", type=int)
     p.add_argument("--kind", default="adapter", choices=ARTIFACT_KINDS)
-    p = sub.add_parser("merge", help="queue a merge of finished adapters (core.merge); prints the job id")
-    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="training or merge jobs whose adapters to merge")
-    p.add_argument("--method", default="ties", help="cat, linear, svd, ties, dare_linear, dare_ties, magnitude_prune")
-    p.add_argument("--weights", help="one weight per adapter, comma-separated (default: equal, summing to 1)")
-    p.add_argument("--rank", type=int, help="rank r' of the result (default: the largest parent rank; not for cat)")
-    p.add_argument("--density", type=float, default=0.2, help="TIES, magnitude prune: fraction of entries kept")
-    p.add_argument("--drop", type=float, default=0.5, help="DARE: drop probability p")
-    p.add_argument("--seed", type=int, default=0, help="DARE: seed of the masks")
+    p = _merge_parser(sub, "merge", "queue a merge of finished adapters (core.merge); prints the job id")
     p.add_argument("--benchmarks", default="", help="evaluate the result on these, comma-separated")
     p.add_argument("--evaluate-parents", action="store_true", help="also evaluate parents lacking those benchmarks")
-    p.add_argument("--name")
+    p = _merge_parser(sub, "weight-search", "queue a search of a merge's weights (core.weight_search), the best "
+                                            "mixture saved as the job's adapter; prints the job id")
+    p.add_argument("--benchmark", required=True, help="what each point is scored on: a benchmark, builtin:math"
+                                                      "[?ops=...] or a file of labelled examples")
+    p.add_argument("--budget", type=at_least(1), default=12, help="points scored, --weights first (default 12)")
+    p.add_argument("--low", type=float, default=0.0, help="lowest weight drawn (default 0)")
+    p.add_argument("--high", type=float, default=1.0, help="highest weight drawn (default 1)")
+    p.add_argument("--search-seed", type=at_least(0), default=0, help="seed of the drawn points")
+    p.add_argument("--limit", type=at_least(0), default=20, help="score on the first N examples (0 = all; default 20)")
+    p.add_argument("--sample-seed", type=int, default=-1, help="a seeded sample of --limit examples (-1 = the first)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="generation budget per answer")
     p = sub.add_parser("evaluations", help="benchmark results")
     p.add_argument("--job", type=int)
     p.add_argument("--json", action="store_true")
@@ -341,6 +360,14 @@ def run(args: argparse.Namespace) -> int:
                                       evaluate_parents=args.evaluate_parents)
         plan = service.get(job_id)["info"]["plan"]
         print(f"queued merge job {job_id}: rank {plan['rank']}, {plan['params']:,} parameters", file=sys.stderr)
+        print(job_id)
+    elif cmd == "weight-search":
+        job_id = service.submit_weight_search(
+            args.ids, _merge_settings(args), {"budget": args.budget, "low": args.low, "high": args.high,
+                                              "seed": args.search_seed}, args.benchmark, name=args.name,
+            eval_settings={"limit": args.limit, "sample_seed": args.sample_seed,
+                           "max_new_tokens": args.max_new_tokens})
+        print(f"queued weight-search job {job_id}: {args.budget} points on {args.benchmark}", file=sys.stderr)
         print(job_id)
     elif cmd == "evaluations":
         rows = service.list_evaluations(job_id=args.job)

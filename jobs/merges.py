@@ -1,4 +1,5 @@
-"""Merge jobs: combine finished adapters into a new one (``core.merge``), as a job with its parents recorded.
+"""Merge and weight-search jobs: combine finished adapters into a new one (``core.merge``), as a job with its
+parents recorded.
 
 ``submit_merge`` checks the parents (each one the actor may read, finished, with its adapter here, of a
 family that merges, compatible with the others: ``core.merge.estimate`` reads their saved factors, never
@@ -6,7 +7,9 @@ merges) and queues a ``merge`` job; its child calls ``build_merge``, which write
 training job writes its adapter (``<out_dir>/adapter``), so chat, evaluation, comparison and exports
 take it as they take a trained one (``ADAPTER_KINDS``). The parents are recorded in the job's
 ``info["parents"]`` with the merge settings (no schema change). ``adapter_norms`` gives the heat map of
-any adapter job from its files. Part of the service API (``JobService`` inherits these methods).
+any adapter job from its files. ``submit_weight_search`` queues a ``weight-search`` job: the same checks,
+then its child scores mixing weights (``core.weight_search``) and writes the best mixture as its adapter.
+Part of the service API (``JobService`` inherits these methods).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from .access import ServiceBase
 from .errors import JobError, row_id
 from .schema import ACTIVE
 
-ADAPTER_KINDS = ("train", "merge")  # the kinds of job whose output is an adapter (<out_dir>/adapter)
+# The kinds of job whose output is an adapter (<out_dir>/adapter): chat, evaluate, export, merge, arena take them.
+ADAPTER_KINDS = ("train", "merge", "weight-search")
+MERGE_KINDS = ("merge", "weight-search")  # the kinds whose adapter is a merge of parents (info["parents"])
 
 
 class MergesAPI(ServiceBase):
@@ -75,20 +80,11 @@ class MergesAPI(ServiceBase):
         Raises ``ConfigError`` (bad settings, incompatible parents, naming the job and why), ``JobError``
         (a parent unfinished or without an adapter) or ``JobNotFound`` (a job this actor may not read).
         """
-        from core.config import JobSpec
-        from core.merge import MERGE_METHODS, estimate, result_config, result_rank
+        from core.merge import MERGE_METHODS
 
         jobs, dirs, settings = self._merge_inputs(parent_ids, settings)
-        plan = estimate(dirs, settings, names=[f"job {j['id']}" for j in jobs])
-        benchmarks = list(benchmarks)
-        spec = JobSpec.from_dict(jobs[0]["spec"])
-        adapters = [json.loads((d / "adapter_config.json").read_text())["adapter"] for d in dirs]
-        spec.adapter = result_config(adapters, result_rank(adapters, settings))
-        spec.train.devices = 1
-        spec.eval.benchmarks = benchmarks
-        spec.validate()
-        self._check_benchmarks(spec)
-        missing = self._missing_evaluations(jobs, benchmarks) if evaluate_parents else []
+        spec, plan = self._merge_spec(jobs, dirs, settings, list(benchmarks))
+        missing = self._missing_evaluations(jobs, spec.eval.benchmarks) if evaluate_parents else []
         self._check_quota(new_jobs=1 + len(missing))
         label = name or (f"merge {settings.method} of " + ", ".join(f"#{j['id']}" for j in jobs))
         spec.name = label[:200]
@@ -98,6 +94,82 @@ class MergesAPI(ServiceBase):
         for parent_id, names in missing:
             self.submit_evaluation(names, job_id=parent_id)
         return job_id
+
+    def _merge_spec(self, jobs: list[dict], dirs: list[Path], settings: Any, benchmarks: list[str],
+                    eval_settings: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """The spec of a job making a merge of ``jobs`` (the first parent's, with the result's adapter) and
+        the merge's plan; ``ConfigError`` for incompatible parents or unknown benchmarks."""
+        from core.config import EvalSettings, JobSpec
+        from core.fields import ConfigError
+        from core.merge import estimate, result_config, result_rank
+
+        plan = estimate(dirs, settings, names=[f"job {j['id']}" for j in jobs])
+        spec = JobSpec.from_dict(jobs[0]["spec"])
+        adapters = [json.loads((d / "adapter_config.json").read_text())["adapter"] for d in dirs]
+        spec.adapter = result_config(adapters, result_rank(adapters, settings))
+        spec.train.devices = 1
+        if eval_settings is not None:
+            try:
+                spec.eval = EvalSettings.from_dict(eval_settings)
+            except ConfigError as err:
+                raise err.within("eval") from None
+        spec.eval.benchmarks = benchmarks
+        spec.validate()
+        self._check_benchmarks(spec)
+        return spec, plan
+
+    def submit_weight_search(self, parent_ids: Iterable[Any], settings: Any, search: Any, benchmark: str, *,
+                             eval_settings: dict[str, Any] | None = None, name: str | None = None) -> int:
+        """Queue a search of the mixing weights of a merge of ``parent_ids`` (``settings``: the merge method
+        and its other settings, ``MergeSettings`` or its dict; its weights are the first point tried);
+        return the job id. ``search``: ``core.weight_search.SearchSettings`` or its dict (budget, range,
+        seed). Each point is scored by its accuracy on ``benchmark`` (a registry name, ``builtin:math``
+        or a part of it, or a file of a few labelled examples), on the slice ``eval_settings`` chooses
+        (``limit``, ``sample_seed``, ``max_new_tokens``, ``batch_size``). The best mixture becomes the
+        job's adapter, like a merge's.
+
+        Raises what ``submit_merge`` raises, and ``ConfigError`` for bad search settings (naming the field).
+        """
+        from core.fields import ConfigError
+        from core.merge import MERGE_METHODS
+        from core.weight_search import SearchSettings
+
+        jobs, dirs, settings = self._merge_inputs(parent_ids, settings)
+        if isinstance(search, dict):
+            known = set(SearchSettings.__dataclass_fields__)
+            unknown = sorted(set(search) - known)
+            if unknown:
+                raise ConfigError(f"search.{unknown[0]}", f"unknown search setting; known: {', '.join(known)}")
+            search = SearchSettings(**search)
+        elif not isinstance(search, SearchSettings):
+            raise ConfigError("search", f"expected SearchSettings or a dict, not {type(search).__name__}")
+        try:
+            search.validate()
+        except ConfigError as err:
+            raise err.within("search") from None
+        if not isinstance(benchmark, str) or not benchmark.strip():
+            raise ConfigError("benchmark", "name the benchmark or labelled examples each point is scored on")
+        spec, plan = self._merge_spec(jobs, dirs, settings, [benchmark.strip()], eval_settings)
+        self._check_quota(new_jobs=1)
+        label = name or (f"weight search {settings.method} of " + ", ".join(f"#{j['id']}" for j in jobs))
+        spec.name = label[:200]
+        info = {"parents": [j["id"] for j in jobs], "merge": settings.to_dict(), "search": search.to_dict(),
+                "plan": plan, "method_label": MERGE_METHODS[settings.method]}
+        return self._insert(spec, "weight-search", name=label, info=info)
+
+    def weight_search_inputs(self, job_id: int) -> tuple[list[Any], Any, Any]:
+        """What a weight-search job's child searches: the parents read (``core.merge.read_parents``), the
+        merge settings and the search settings."""
+        from core.merge import MergeSettings, read_parents
+        from core.weight_search import SearchSettings
+
+        self._require_system("running a weight search")
+        job = self.get(job_id)
+        info = job.get("info") or {}
+        parents = [self.get(i) for i in info.get("parents") or []]
+        dirs = [self._adapter_dir(p) for p in parents]
+        return (read_parents(dirs, names=[f"job {p['id']}" for p in parents]), MergeSettings(**info["merge"]),
+                SearchSettings(**info["search"]))
 
     def _missing_evaluations(self, jobs: list[dict], benchmarks: list[str]) -> list[tuple[int, list[str]]]:
         """(parent id, the benchmarks it has no evaluation on) for each parent lacking one."""
@@ -136,7 +208,7 @@ class MergesAPI(ServiceBase):
         from core.merge import REPORT_FILE
 
         job = self.get(job_id)
-        if job["kind"] != "merge":
+        if job["kind"] not in MERGE_KINDS:
             raise JobError(f"job {job['id']} is an {job['kind']} job, not a merge")
         path = Path(job["out_dir"]) / "adapter" / REPORT_FILE
         return json.loads(path.read_text()) if path.is_file() else None

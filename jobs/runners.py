@@ -12,6 +12,7 @@ values to write; it reports through ``rec`` (``jobs.run.Recorder``) and stops at
   each benchmark's result and per-example predictions go to ``evaluations``/``eval_samples``.
 - ``export``: the zip of ``target_job_id``'s adapter in the form ``info["artifact"]`` names.
 - ``merge``: the parents' adapters merged into ``<out_dir>/adapter``, then evaluated like a training job's.
+- ``weight-search``: mixing weights of a merge scored on a benchmark slice, the best written as the adapter.
 
 Two environment variables exist for tests and demos: ``WORKBENCH_TEST_STEP_DELAY`` (seconds to sleep
 after each training step) and ``WORKBENCH_TEST_FAIL_AT_STEP`` (raise at that step).
@@ -230,4 +231,57 @@ def _load_base(spec: Any) -> tuple[Any, Any]:
     return core.load_model(spec.model, dtype=reduced), reduced
 
 
-RUNNERS = {"train": run_train, "evaluate": run_evaluate, "export": run_export, "merge": run_merge}
+def run_weight_search(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag,
+                      budget: Budget) -> tuple[str, dict[str, Any]]:
+    """Score the mixing weights of a merge (``core.weight_search``) on the job's one benchmark slice, each
+    point a metric point (``search_record``) as it is scored, and write the best mixture as this job's
+    adapter. Stopped early (cancel, signal, budget), it still writes the best point so far."""
+    from core.merge import write_merge
+    from core.weight_search import best_trial, search_record, weight_search
+
+    parents, merge, search = service.weight_search_inputs(job["id"])
+    spec = JobSpec.from_dict(job["spec"])
+    rec.update(phase="loading model for the weight search", step=0, total_steps=search.budget)
+    rec.flush()
+    loaded, reduced = _load_base(spec)
+    loaded.model.eval()
+    bench = core.load_benchmark(spec.eval.benchmarks[0])
+    rec.update(phase=f"scoring mixtures on {bench.name}")
+    rec.flush()
+    started = time.monotonic()
+
+    def on_trial(trial: Any) -> None:
+        eta = (time.monotonic() - started) / trial.index * (search.budget - trial.index)
+        rec.add(**search_record(trial))
+        rec.update(step=trial.index, eta_s=eta)
+        if rec.due():
+            rec.flush()
+        print(f"point {trial.index}/{search.budget} weights {[round(w, 4) for w in trial.weights]}: "
+              f"accuracy {trial.score:.4f} ({trial.correct}/{trial.total})", flush=True)
+
+    def should_stop() -> bool:
+        return stop.requested() or rec.cancel_requested() or budget.spent()
+
+    trials = weight_search(loaded.model, loaded.tokenizer, parents, merge, search, bench, spec.eval,
+                           on_trial=on_trial, should_stop=should_stop, dtype=reduced, template=spec.data.template)
+    if not trials:
+        raise Cancelled()
+    best = best_trial(trials)
+    rec.update(phase="writing the best mixture")
+    rec.flush()
+    merged = write_merge(parents, dataclasses.replace(merge, weights=best.weights), Path(job["out_dir"]) / "adapter")
+    print(f"== best of {len(trials)} points: #{best.index} weights {best.weights}, accuracy {best.score:.4f}; "
+          f"adapter in {merged.directory}", flush=True)
+    values: dict[str, Any] = {"phase": None, "result": {
+        **merged.to_dict(), "adapter_dir": merged.directory, "trainable_params": merged.params,
+        "weights": best.weights, "score": best.score, "best_point": best.index, "benchmark": bench.name,
+        "points": [t.to_dict() for t in trials]}}
+    if len(trials) == search.budget:
+        return "succeeded", values
+    if stop.signal:
+        return "interrupted", {**values, "error": f"stopped by {stop.signal}"}
+    return "cancelled", {**values, "error": budget.reason}
+
+
+RUNNERS = {"train": run_train, "evaluate": run_evaluate, "export": run_export, "merge": run_merge,
+           "weight-search": run_weight_search}

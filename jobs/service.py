@@ -39,7 +39,7 @@ from .errors import JobError, iso, row_id
 from .evaluations import EvaluationsAPI
 from .schema import ACTIVE, FINISHED, EvalSample, Evaluation, Job, MetricPoint, utcnow
 from .launch import processes
-from .merges import ADAPTER_KINDS, MergesAPI
+from .merges import ADAPTER_KINDS, MERGE_KINDS, MergesAPI
 from .studies import StudiesAPI
 from .uploads import UploadsAPI
 from .workers import WorkersAPI
@@ -132,6 +132,8 @@ class JobService(MergesAPI, SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, Uploads
             raise ConfigError("gpu_memory", f"must be a positive number of bytes (got {gpu_memory!r})")
         if kind == "export":
             raise JobError("export jobs are queued with export(job_id, artifact)")
+        if kind in MERGE_KINDS:  # their parents are checked and recorded there
+            raise JobError(f"{kind} jobs are queued with submit_merge or submit_weight_search")
         spec = self.check_spec(spec, kind)
         if target_job_id is not None:
             target = self.get(target_job_id)
