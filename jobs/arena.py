@@ -43,6 +43,7 @@ from core import arena
 from .access import ServiceBase
 from .compare import parse_model_key
 from .errors import JobError, JobNotFound, QuotaError, iso, row_id
+from .merges import ADAPTER_KINDS
 from .schema import FINISHED, ArenaPool, ArenaVote, Job, utcnow
 
 log = logging.getLogger("workbench.arena")
@@ -50,7 +51,6 @@ log = logging.getLogger("workbench.arena")
 MAX_POOL_MODELS = 16
 MAX_POOLS_PER_OWNER = 20          # non-admins
 MAX_KEY_CHARS = 600               # arena_votes.model_a / model_b
-ADAPTER_KINDS = ("train", "merge")
 BATTLE_WINDOW_S = 600.0  # the window of ``Limits.arena_battles``
 EXPORT_COLUMNS = ("id", "pool_id", "created_at", "voted_at", "voter", "prompt", "source", "example", "gold",
                   "model_a", "model_b", "answer_a", "answer_b", "vote", "max_new_tokens", "temperature", "top_p")
