@@ -94,7 +94,9 @@ class SpecChecksAPI(ServiceBase):
                 continue
             try:
                 self._resolve_file(name, f"eval.benchmarks[{i}]")
-            except ConfigError:
+            except ConfigError as err:
+                if str(name).startswith("builtin:"):  # said from the name alone: e.g. the allowed operations
+                    raise ConfigError("eval.benchmarks", err.message) from None
                 raise ConfigError("eval.benchmarks", f"unknown benchmark {str(name)[:80]!r}: name one of the "
                                                      "registry's benchmarks or a JSON/JSONL/CSV file") from None
         cap = self.limits.eval_examples

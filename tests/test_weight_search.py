@@ -193,6 +193,8 @@ def test_weight_search_submissions_are_checked_as_their_owner(parent_jobs):
         with pytest.raises(ConfigError) as err:
             service.submit_weight_search([a, b], {"weights": [1, 1]}, search, benchmark)
         assert err.value.field == field, (search, benchmark, err.value)
+    with pytest.raises(ConfigError, match="unknown operation 'pow' in ops; the operations are add, sub, mul, div"):
+        service.submit_weight_search([a, b], {"weights": [1, 1]}, {}, "builtin:math?ops=add,pow")
     with pytest.raises(ConfigError, match="one weight per adapter"):
         service.submit_weight_search([a, b], {"weights": [1]}, {}, labelled)
     for kind in ("merge", "weight-search"):  # never through submit, which does not check or record parents
