@@ -182,7 +182,8 @@ def merge_facts(job: dict[str, Any]) -> list[str]:
     if job.get("kind") == "weight-search":
         search = info.get("search") or {}
         bench = ", ".join((job.get("spec") or {}).get("eval", {}).get("benchmarks") or [])
-        facts.append(f"{search.get('budget')} points in [{search.get('low')}, {search.get('high')}] scored on `{bench}`")
+        facts.append(f"{search.get('budget')} points in [{search.get('low')}, {search.get('high')}] "
+                     f"scored on `{bench}`")
         if result.get("weights") is not None:
             weights = ", ".join(f"{w:.3f}" for w in result["weights"])
             facts.append(f"best **#{result.get('best_point')}** ({weights}): accuracy "

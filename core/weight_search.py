@@ -59,7 +59,8 @@ class SearchSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or abs(value) > WEIGHT_BOUND:
-                raise ConfigError(name, f"must be a number from -{WEIGHT_BOUND:g} to {WEIGHT_BOUND:g} (got {show(value)})")
+                raise ConfigError(name, f"must be a number from -{WEIGHT_BOUND:g} to {WEIGHT_BOUND:g} "
+                                        f"(got {show(value)})")
         if not self.low < self.high:
             raise ConfigError("high", f"must be above low ({self.low:g}), got {self.high:g}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
