@@ -159,8 +159,8 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
     with acting_as(LOCAL_USER if deployment.local else BUILD_ACTOR), using(deployment), \
             gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## {TITLE} <small style='color:#64748b;font-weight:400'>— parameter-efficient "
-                    "fine-tuning of language models (LoRA, series and parallel adapters, prefix and prompt "
-                    "tuning), after LLM-Adapters</small>")
+                    "fine-tuning of language models: LLM-Adapters' series, parallel, LoRA and prompt methods, "
+                    "with DoRA, rsLoRA, PiSSA, (IA)³, VeRA, LoReFT and QLoRA; merges and a blind arena</small>")
         with gr.Row(equal_height=True):
             who = gr.Markdown(identity_line(deployment, None), elem_id="workbench-identity",
                               elem_classes=["muted"])
