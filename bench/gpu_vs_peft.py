@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.train_throughput import run_child, run_ours, spec_for  # noqa: E402
+from bench.vs_peft import trainer_rows  # noqa: E402
 
 # LLaMA-shaped configs (``transformers.LlamaConfig`` keyword arguments).
 MODELS: dict[str, dict[str, Any]] = {
@@ -109,7 +110,6 @@ def run_peft(spec, peft_config: dict[str, Any]) -> dict[str, float]:
     from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from core import data as data_mod
     from core.models import load_tokenizer
     from core.train import peak_memory_mb
 
@@ -131,14 +131,9 @@ def run_peft(spec, peft_config: dict[str, Any]) -> dict[str, float]:
                 torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), len(self.counts)))
 
-    t, d = spec.train, spec.data
+    t = spec.train
     tok = load_tokenizer(spec.model)
-    records = data_mod.load_records(d.source, d.columns, d.limit)
-    rows, _ = data_mod.split_records(records, d.val_size, t.seed)
-    examples = data_mod.tokenize_records(rows, tok, template=d.template, cutoff_len=d.cutoff_len,
-                                         train_on_inputs=d.train_on_inputs).examples
-    dataset = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
-               for e in examples]
+    dataset = trainer_rows(spec, tok)
     quantized = spec.model.quantization == "nf4"
     options: dict[str, Any] = {"dtype": torch.bfloat16, "device_map": {"": str(device)}}
     if quantized:

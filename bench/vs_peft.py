@@ -98,6 +98,20 @@ def peft_config_for(spec, model_dir: Path) -> dict[str, Any]:
     return {**config, "task_type": "CAUSAL_LM", "inference_mode": False}
 
 
+def trainer_rows(spec, tok) -> list[dict[str, list[int]]]:
+    """The training rows of ``spec`` as ``transformers.Trainer`` takes them: our tokenisation (template,
+    cut-off, label masking), so both sides of a bench train on the same tokens."""
+    from core import data as data_mod
+
+    t, d = spec.train, spec.data
+    records = data_mod.load_records(d.source, d.columns, d.limit)
+    rows, _ = data_mod.split_records(records, d.val_size, t.seed)
+    examples = data_mod.tokenize_records(rows, tok, template=d.template, cutoff_len=d.cutoff_len,
+                                         train_on_inputs=d.train_on_inputs).examples
+    return [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+            for e in examples]
+
+
 def run_peft(spec, peft_config: dict[str, Any], out: Path) -> dict:
     """Train ``spec``'s data with ``transformers.Trainer`` + PEFT: tokens/s over steps 2..N, peak RSS, and
     tokens per second of the process's CPU time (as ``run_ours``)."""
@@ -105,7 +119,6 @@ def run_peft(spec, peft_config: dict[str, Any], out: Path) -> dict:
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from core import data as data_mod
     from core.models import load_model
     from core.train import peak_memory_mb
 
@@ -122,15 +135,10 @@ def run_peft(spec, peft_config: dict[str, Any], out: Path) -> dict:
         def on_step_end(self, args, state, control, **kwargs) -> None:
             self.marks.append((time.perf_counter(), time.process_time(), self.tokens))
 
-    t, d = spec.train, spec.data
+    t = spec.train
     loaded = load_model(spec.model)  # fp32 weights, as a PEFT user loads them; bf16 autocast below
     tok = loaded.tokenizer
-    records = data_mod.load_records(d.source, d.columns, d.limit)
-    rows, _ = data_mod.split_records(records, d.val_size, t.seed)
-    examples = data_mod.tokenize_records(rows, tok, template=d.template, cutoff_len=d.cutoff_len,
-                                         train_on_inputs=d.train_on_inputs).examples
-    dataset = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
-               for e in examples]
+    dataset = trainer_rows(spec, tok)
     torch.manual_seed(t.seed)
     model = peft.get_peft_model(loaded.model, peft.PeftConfig.from_peft_type(**peft_config))
     clock = Clock()

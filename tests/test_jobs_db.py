@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from jobs import JobError, JobNotFound, JobService
 from jobs import db as jobs_db
 from jobs.run import run_job
 from jobs.schema import Base
-from tests.test_jobs_support import REPO, child_env, cli, make_service, tiny_spec
+from tests.test_jobs_support import METRIC_WRITER, REPO, child_env, cli, make_service, tiny_spec
 
 
 def count_rows(service, table: str) -> int:
@@ -169,24 +168,6 @@ def test_delete_and_resume_rules(service, tiny_model_dir, data):
 
 # ---------------------------------------------------------------------------------- concurrency
 
-WRITER = textwrap.dedent("""
-    import sys, time
-    from jobs import JobService
-    from jobs.run import Recorder
-    service = JobService()
-    job_id, n, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    rec = Recorder(service, job_id)
-    start = time.monotonic()
-    for i in range(1, n + 1):
-        rec.add(type="step", step=i, loss=1.0 / i, lr=1e-3)
-        rec.update(step=i)
-        rec.flush()                      # one transaction per point: the worst case
-        rec.cancel_requested()
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-    print("wrote", n, "in", round(time.monotonic() - start, 2))
-""")
 
 
 def test_metric_writes_while_reading_never_lock(service, tiny_model_dir, data):
@@ -194,7 +175,7 @@ def test_metric_writes_while_reading_never_lock(service, tiny_model_dir, data):
     other = service.submit(tiny_spec(tiny_model_dir, data))
     service.claim(job_id, "test:1")
     n = 500
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(job_id), str(n), "200"], cwd=REPO,
+    writer = subprocess.Popen([sys.executable, "-c", METRIC_WRITER, str(job_id), str(n), "200"], cwd=REPO,
                               env=child_env(service), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors, reads = [], 0
 

@@ -8,17 +8,13 @@ Chromium or the ``playwright`` package is missing.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_browser import ARGS, CHROMIUM, REPO, SHOTS, _free_port, _wait_http
+from tests.e2e.test_browser import ARGS, CHROMIUM, SHOTS, running_app
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
@@ -41,29 +37,8 @@ def arena_server(tmp_path_factory):
     service = JobService(f"sqlite:///{home / 'workbench.db'}", home=home).scoped(LOCAL_USER)
     service.create_arena_pool("tiny pair", [f"base:{root / 'tiny-a'}", f"base:{root / 'tiny-b'}"])
     service.close()
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1", "WORKBENCH_NO_WORKER": "1"}
-    env.pop("WORKBENCH_USER", None)
-    env.pop("WORKBENCH_DB_URL", None)
-    log = root / "app.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_http(url, proc, log)
+    with running_app(home, root / "arena-app.log", worker=False) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        if SHOTS.is_dir():
-            shutil.copy(log, SHOTS / "arena-app.log")
 
 
 def test_one_vote_moves_the_leaderboard(arena_server):

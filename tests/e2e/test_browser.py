@@ -8,6 +8,7 @@ Chromium (``apt-get install chromium``) or the ``playwright`` package is missing
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -67,15 +69,19 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(workdir):
+@contextlib.contextmanager
+def running_app(home: Path, log: Path, worker: bool = True) -> Iterator[str]:
+    """``app.py`` in its own process group on a free port (``WORKBENCH_HOME=home``, its output in ``log``,
+    its worker thread only if ``worker``); yields its URL, and stops it afterwards (copying the log into
+    ``SHOTS`` when that folder exists)."""
     port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(workdir / "home"), "GRADIO_SERVER_NAME": "127.0.0.1",
+    env = {**os.environ, "WORKBENCH_HOME": str(home), "GRADIO_SERVER_NAME": "127.0.0.1",
            "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONUNBUFFERED": "1"}
-    env.pop("WORKBENCH_NO_WORKER", None)
-    env.pop("WORKBENCH_USER", None)
-    log = workdir / "app.log"
+    for name in ("WORKBENCH_USER", "WORKBENCH_DB_URL", "WORKBENCH_NO_WORKER"):
+        env.pop(name, None)
+    if not worker:
+        env["WORKBENCH_NO_WORKER"] = "1"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -90,7 +96,14 @@ def server(workdir):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-        shutil.copy(log, SHOTS / "app.log") if SHOTS.is_dir() else None
+        if SHOTS.is_dir():
+            shutil.copy(log, SHOTS / log.name)
+
+
+@pytest.fixture(scope="module")
+def server(workdir):
+    with running_app(workdir / "home", workdir / "app.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
