@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The merge lab's real run (bench/RESULTS.md, "Merging two specialists"): two LoRA adapters of the embedded
+# model, one trained on the built-in problems that only add and subtract, one on those that only multiply
+# and divide; merged by linear, TIES and DARE-TIES; a weight search of the linear mixture scored on 40
+# training problems that need both kinds of operation (neither parent saw them); every model evaluated on
+# the whole built-in evaluation set and on its two single-kind parts.
+#
+#   WORKBENCH_HOME=/tmp/merge-lab bash bench/merge_lab.sh        # about an hour on 2 cores
+set -euo pipefail
+: "${WORKBENCH_HOME:?set WORKBENCH_HOME to an empty folder for this run}"
+export WORKBENCH_HOME
+mkdir -p "$WORKBENCH_HOME"
+PY=${PY:-.venv/bin/python}
+J="$PY -m jobs"
+STEPS=${STEPS:-200}
+EVAL="builtin:math,builtin:math?ops=add,sub,builtin:math?ops=mul,div"
+
+# The two parents' specs, and the search's scoring examples (training rows with both kinds of operation).
+"$PY" - "$WORKBENCH_HOME" "$STEPS" <<'EOF'
+import json, random, sys
+from pathlib import Path
+home, steps = Path(sys.argv[1]), int(sys.argv[2])
+spec = {
+    "model": {"name": "smollm2-135m-instruct"},
+    "adapter": {"method": "lora", "settings": {"r": 16, "alpha": 32.0, "targets": ["q", "k", "v", "up", "down"]}},
+    "data": {"source": "builtin:math", "template": "alpaca", "cutoff_len": 256},
+    "train": {"epochs": 3.0, "max_steps": steps, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3,
+              "warmup_steps": 10, "log_every": 10, "seed": 42},
+    "eval": {"benchmarks": ["builtin:math", "builtin:math?ops=add,sub", "builtin:math?ops=mul,div"],
+             "limit": 0, "max_new_tokens": 256, "batch_size": 100},
+}
+for name, ops in [("addsub", "add,sub"), ("muldiv", "mul,div")]:
+    spec["name"] = f"lora-{name}"
+    spec["data"]["source"] = f"builtin:math?ops={ops}"
+    (home / f"spec_{name}.json").write_text(json.dumps(spec, indent=1))
+rows = json.loads(Path("assets/math_train.json").read_text())
+mixed = [r for r in rows if set(r["ops"]) & {"add", "sub"} and set(r["ops"]) & {"mul", "div"}]
+random.Random(0).shuffle(mixed)
+(home / "mixed40.json").write_text(json.dumps(mixed[:40], indent=1))
+print(f"{len(mixed)} mixed training rows; 40 kept for the search", file=sys.stderr)
+EOF
+
+A=$($J submit "$WORKBENCH_HOME/spec_addsub.json" --name lora-addsub)
+B=$($J submit "$WORKBENCH_HOME/spec_muldiv.json" --name lora-muldiv)
+BASE=$($J submit "$WORKBENCH_HOME/spec_addsub.json" --kind evaluate --name base-model)
+$J worker --until-idle
+
+$J merge "$A" "$B" --method linear --rank 32 --name "linear 0.5/0.5" --benchmarks "$EVAL"
+$J merge "$A" "$B" --method linear --weights 1,1 --rank 32 --name "linear 1/1" --benchmarks "$EVAL"
+$J merge "$A" "$B" --method ties --weights 1,1 --density 0.5 --rank 32 --name "ties 1/1 d0.5" --benchmarks "$EVAL"
+$J merge "$A" "$B" --method dare_ties --weights 1,1 --drop 0.5 --seed 0 --rank 32 --name "dare_ties 1/1 p0.5" \
+  --benchmarks "$EVAL"
+S=$($J weight-search "$A" "$B" --method linear --rank 32 --benchmark "$WORKBENCH_HOME/mixed40.json" --limit 0 \
+  --budget 16 --low 0 --high 1.5 --search-seed 0 --name "weight search (linear)")
+$J worker --until-idle
+$J submit "$WORKBENCH_HOME/spec_addsub.json" --kind evaluate --target "$S" --name "weight search best"
+$J worker --until-idle
+
+$J show "$S"
+$J compare
