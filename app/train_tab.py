@@ -355,7 +355,7 @@ def build_train_tab(service: Any) -> TrainTab:
         add_fields(form, EvalSettings, "eval", skip=("benchmarks", "sample_seed", "batch_size"))
     with gr.Accordion("more evaluation settings", open=False):
         with gr.Row():
-            add_fields(form, EvalSettings, "eval", skip=("benchmarks", "limit", "max_new_tokens"))
+            add_fields(form, EvalSettings, "eval", skip=("benchmarks", "limit", "max_new_tokens", "protocol"))
 
     gr.Markdown("### 5 · Launch", elem_classes="section-title")
     error = gr.Markdown("", visible=False, elem_classes="error-box")

@@ -291,6 +291,10 @@ class DataSettings(Settings):
             raise ConfigError("source", "name a dataset")
 
 
+TRACKERS = ("trackio", "tensorboard", "mlflow", "wandb")
+PROTOCOLS = ("generate", "loglikelihood")
+
+
 @dataclass
 class TrainSettings(Settings):
     epochs: float = setting(3.0, "passes over the training data (ignored when max_steps > 0)", min=0.0, max=10000.0)
@@ -320,6 +324,9 @@ class TrainSettings(Settings):
     rank_timeout_s: int = setting(300, "with several processes: seconds one waits for the others (to start, at "
                                        "each step) before the run fails, so a dead or stuck process cannot "
                                        "hang the rest", min=1, max=86400, integer=True)
+    report_to: list = setting([], "experiment trackers that also receive the run (the spec as config, every "
+                                  "step's metrics, evaluation results): trackio, tensorboard, mlflow, wandb "
+                                  "(each an optional package)", choices=TRACKERS)
 
     def check(self) -> None:
         if self.devices > 1 and self.strategy != "ddp":
@@ -348,6 +355,10 @@ class EvalSettings(Settings):
                                min=-1, max=INT64_MAX, integer=True)
     max_new_tokens: int = setting(256, "generation budget per answer", min=1, max=4096, integer=True)
     batch_size: int = setting(32, "prompts generated together", min=1, max=4096, integer=True)
+    protocol: str = setting("generate", "generate = the paper's (generate an answer, extract it by its rules); "
+                                        "loglikelihood = lm-evaluation-harness's multiple choice (the summed "
+                                        "log-probability of each choice's text; benchmarks with choices only)",
+                            choices=PROTOCOLS)
 
 
 @dataclass
