@@ -18,6 +18,7 @@ from core.config import BUILTIN_DATASET, DEFAULT_METHOD, PRESETS, ROLES, Adapter
 from core.fields import ConfigError, fields_of
 from core.estimate import estimate
 from core.paths import workbench_home
+from core.sources import MATH_OPS, split_builtin
 
 from .forms import collect, spread
 
@@ -46,6 +47,9 @@ def data_source(form: dict[str, Any]) -> str:
     kind = form.get("data.kind") or DATA_KINDS[0]
     if kind == "built-in":
         value = form.get("data.builtin") or BUILTIN_DATASET
+        ops = [op for op in MATH_OPS if op in (form.get("data.builtin_ops") or [])]
+        if ops and len(ops) < len(MATH_OPS):  # a part of the set: the rows using only these operations
+            value = f"{value}?ops={','.join(ops)}"
     elif kind == "upload":
         value = form.get("data.upload") or ""
         if not value or not isinstance(value, str):
@@ -101,8 +105,9 @@ def form_from_spec(spec: JobSpec, uploads: Path | None = None) -> dict[str, Any]
     values.update(spread(DataSettings, "data", spec.data.to_dict(), skip=("source",)))
     source = spec.data.source
     uploads = uploads or upload_dir()
-    if source in data_mod.BUILTIN_FILES:
-        values.update({"data.kind": "built-in", "data.builtin": source})
+    if source.partition("?")[0] in data_mod.BUILTIN_FILES:
+        base, ops = split_builtin(source)
+        values.update({"data.kind": "built-in", "data.builtin": base, "data.builtin_ops": list(ops or [])})
     elif Path(source).parent == uploads:
         values.update({"data.kind": "upload", "data.upload": source})
     elif Path(source).expanduser().is_file() or source.startswith(("/", ".", "~")):
@@ -120,7 +125,7 @@ def default_form() -> dict[str, Any]:
     values: dict[str, Any] = {}
     for m in methods.all():
         values.update(spread(m.settings, f"adapter.{m.name}", m.settings().to_dict()))
-    values.update({"data.builtin": BUILTIN_DATASET, "data.upload": None, "data.server_path": "", "data.hub_id": ""})
+    values.update({"data.builtin": BUILTIN_DATASET, "data.builtin_ops": [], "data.upload": None, "data.server_path": "", "data.hub_id": ""})
     values.update(form_from_spec(JobSpec()))
     return values
 

@@ -21,6 +21,7 @@ from core.config import BUILTIN_DATASET, DEFAULT_METHOD, DEFAULT_MODEL, PRESETS,
 from core.fields import ConfigError, fields_of
 from core.estimate import estimate, human_bytes, human_count, model_config
 from core.deployment import current as current_deployment
+from core.sources import MATH_OPS
 from jobs.errors import JobError
 
 from .common import error_text, error_update, guarded, warn
@@ -317,6 +318,10 @@ def build_train_tab(service: Any) -> TrainTab:
                 form.add("data.builtin", gr.Dropdown(choices=list(data_mod.BUILTIN_FILES), value=BUILTIN_DATASET,
                                                      label="built-in dataset",
                                                      info="arithmetic word problems with worked answers (offline)"))
+                form.add("data.builtin_ops", gr.CheckboxGroup(
+                    choices=list(MATH_OPS), value=[], label="only the problems using these operations",
+                    info="none ticked = every problem; e.g. add + sub trains an addition/subtraction specialist "
+                         "(its source becomes builtin:math?ops=add,sub)"))
             with gr.Group(visible=False) as g_upload:
                 upload_file = gr.File(label="upload JSON / JSONL / CSV "
                                             f"(≤ {human_bytes(current_deployment().limits.upload_file_bytes)})",

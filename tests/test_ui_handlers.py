@@ -68,6 +68,18 @@ def test_spec_from_form_round_trips(form, tiny_model_dir):
     assert spec.name  # a default name is made up when none is given
 
 
+def test_builtin_operations_filter_round_trips(form):
+    """Ticking operations trains on that part of the built-in set; all four or none is the whole set."""
+    spec = train_tab.spec_from_form({**form, "data.kind": "built-in", "data.builtin_ops": ["sub", "add"]})
+    assert spec.data.source == "builtin:math?ops=add,sub"
+    values = train_tab.form_from_spec(spec)
+    assert values["data.kind"] == "built-in" and values["data.builtin"] == "builtin:math"
+    assert values["data.builtin_ops"] == ["add", "sub"]
+    for ops in ([], ["add", "sub", "mul", "div"]):
+        assert train_tab.spec_from_form({**form, "data.kind": "built-in", "data.builtin_ops": ops}).data.source \
+            == "builtin:math"
+
+
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))
 def test_each_method_round_trips_through_the_form(form, method):
     form = {**form, "adapter.method": method}
