@@ -65,6 +65,20 @@ def create_pool(service: Any, name: Any, models: Any, shared: Any) -> tuple:
     return gr.update(choices=pool_choices(service), value=pool_id), f"Pool {pool_id} created."
 
 
+def delete_pool(service: Any, pool: Any) -> tuple:
+    """(pool dropdown without the pool, message); ``pool`` None = the person did not confirm."""
+    if pool is None:
+        return gr.skip(), ""
+    try:
+        name = service.get_arena_pool(pool)["name"]
+        service.delete_arena_pool(pool)
+    except Exception as err:
+        warn(error_text(err))
+        return gr.skip(), error_text(err)
+    pools = pool_choices(service)
+    return gr.update(choices=pools, value=pools[0][1] if pools else None), f"Pool {name!r} and its votes deleted."
+
+
 def _vote_buttons(active: bool) -> list[dict]:
     return [gr.update(interactive=active) for _ in VOTE_BUTTONS]
 
@@ -169,6 +183,7 @@ class ArenaTab:
     new_models: Any
     new_shared: Any
     create_button: Any
+    delete_button: Any
     create_message: Any
     source: Any
     prompt: Any
@@ -212,6 +227,8 @@ def build_arena_tab(service: Any) -> ArenaTab:
                                      label="models", info="adapters of finished jobs, merges, base models (2-16)")
             new_shared = gr.Checkbox(value=False, label="share with everyone", info="admins only", scale=1)
             create_button = gr.Button("Create pool", scale=1)
+        with gr.Row(equal_height=True):
+            delete_button = gr.Button("Delete the selected pool and its votes", size="sm", variant="stop", scale=0)
         create_message = gr.Markdown("", elem_classes=["muted"])
     with gr.Row(equal_height=True):
         source = gr.Radio([TYPED, FROM_BENCHMARK], value=TYPED, label="prompt", scale=2)
@@ -247,7 +264,8 @@ def build_arena_tab(service: Any) -> ArenaTab:
         export_jsonl = gr.Button("Export votes (JSONL)", size="sm")
         export_file = gr.File(label="votes", visible=False, interactive=False)
     tab = ArenaTab(pool=pool, refresh_button=refresh_button, new_name=new_name, new_models=new_models,
-                   new_shared=new_shared, create_button=create_button, create_message=create_message,
+                   new_shared=new_shared, create_button=create_button, delete_button=delete_button,
+                   create_message=create_message,
                    source=source, prompt=prompt, benchmark=benchmark, start_button=start_button,
                    shown_prompt=shown_prompt, answer_a=answer_a, answer_b=answer_b, vote_buttons=vote_buttons,
                    reveal=reveal, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, table=table,
@@ -274,6 +292,9 @@ def _wire(tab: ArenaTab, service: Any) -> None:
     tab.pool.change(board, tab.pool, tab.board_outputs, show_progress="hidden")
     tab.create_button.click(lambda n, m, s: create_pool(service, n, m, s),
                             [tab.new_name, tab.new_models, tab.new_shared], [tab.pool, tab.create_message])
+    tab.delete_button.click(lambda p: delete_pool(service, p), tab.pool, [tab.pool, tab.create_message],
+                            js="(p) => (p !== null && confirm('Delete this pool and all its votes?')) ? p : null"
+                            ).then(board, tab.pool, tab.board_outputs)
 
     def run(pool, source, prompt, benchmark, max_new_tokens, temperature, top_p):
         yield from battle(service, pool, source, prompt, benchmark, max_new_tokens, temperature, top_p)

@@ -33,7 +33,7 @@ import logging
 import math
 import secrets
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import sqlalchemy as sa
@@ -262,8 +262,9 @@ class ArenaAPI(ServiceBase):
         return row
 
     def battle_answers(self, battle_id: Any) -> Iterator[tuple[str, str]]:
-        """Generate both answers of a battle (A, then B), yielding ``(answer_a, answer_b)`` as they grow;
-        stored when both are complete. A model that fails is not named (that would unmask it)."""
+        """Generate both answers of a battle side by side (both generations run at once, each in its own
+        thread, and are read in turn), yielding ``(answer_a, answer_b)`` as they grow; stored when both
+        are complete. A model that fails is not named (that would unmask it)."""
         from core.generate import GenerationSettings, stream_answer
 
         with self.db.read() as s:
@@ -275,19 +276,34 @@ class ArenaAPI(ServiceBase):
         template = self._shared_template(keys)
         answers = ["", ""]
         with self.generation_slot():
-            for side, key in enumerate(keys):
-                try:
-                    chat = self._arena_chat_model(key, template)
-                    for answers[side] in stream_answer(chat, prompt, settings, self.deployment):
-                        yield answers[0], answers[1]
-                except Exception:  # the message could name the model: logged here, not shown
-                    log.exception("arena battle %s: model %s failed", battle_id, key)
-                    raise JobError(f"model {'AB'[side]} could not answer (the server's log says why); "
-                                   "start another battle") from None
+            streams = [self._side(side, key, battle_id,
+                                  lambda key=key: stream_answer(self._arena_chat_model(key, template), prompt,
+                                                                settings, self.deployment))
+                       for side, key in enumerate(keys)]
+            live = [0, 1]
+            while live:
+                for side in list(live):
+                    try:
+                        answers[side] = next(streams[side])
+                    except StopIteration:
+                        live.remove(side)
+                        continue
+                    yield answers[0], answers[1]
         with self.db.write() as s:
             row = self._battle(s, battle_id)
             row.answer_a, row.answer_b = answers
         yield answers[0], answers[1]
+
+    @staticmethod
+    def _side(side: int, key: str, battle_id: int, start: Callable[[], Iterator[str]]) -> Iterator[str]:
+        """One side's growing answer; any failure (loading or generating) becomes an error that names the
+        side, not the model (the model's name is logged)."""
+        try:
+            yield from start()
+        except Exception:  # the message could name the model: logged here, not shown
+            log.exception("arena battle %s: model %s failed", battle_id, key)
+            raise JobError(f"model {'AB'[side]} could not answer (the server's log says why); "
+                           "start another battle") from None
 
     def _shared_template(self, keys: tuple[str, str]) -> str | None:
         """The prompt template of the first adapter of the pair: a base model then gets the same prompt."""

@@ -231,6 +231,30 @@ def test_migration_6_adds_the_arena_tables(db_url):
         svc.close()
 
 
+def test_both_answers_stream_side_by_side(db_url, tmp_path, two_tiny, monkeypatch):
+    """The two answers grow in turn (not A to its end, then B), and a side that fails is named by its
+    letter only."""
+    import core.generate
+
+    service = make_service(tmp_path, db_url).scoped(LOCAL_USER)
+    pool = service.create_arena_pool("tiny pair", two_tiny)
+    monkeypatch.setattr(type(service), "_arena_chat_model", lambda self, key, template: key)
+    monkeypatch.setattr(core.generate, "stream_answer",
+                        lambda chat, prompt, settings, deployment: iter(["x", "xy", "xyz"]))
+    battle = service.start_battle(pool, "What is 2 + 2?", settings=QUICK)
+    steps = list(service.battle_answers(battle["id"]))
+    assert steps[:4] == [("x", ""), ("x", "x"), ("xy", "x"), ("xy", "xy")] and steps[-1] == ("xyz", "xyz")
+
+    battle_b = service.start_battle(pool, "What is 3 + 3?", settings=QUICK)
+    with service.db.read() as s:
+        key_b = s.get(ArenaVote, battle_b["id"]).model_b
+    monkeypatch.setattr(core.generate, "stream_answer", lambda chat, prompt, settings, deployment:
+                        (_ for _ in ()).throw(RuntimeError(f"{chat} broke")) if chat == key_b else iter(["x"]))
+    with pytest.raises(JobError, match=r"^model B could not answer") as err:
+        list(service.battle_answers(battle_b["id"]))
+    assert key_b not in str(err.value)
+
+
 def test_a_battle_is_generated_voted_revealed_and_exported(db_url, tmp_path, two_tiny):
     service = make_service(tmp_path, db_url).scoped(LOCAL_USER)
     pool = service.create_arena_pool("tiny pair", two_tiny)
@@ -419,6 +443,11 @@ def test_the_tab_battles_votes_and_moves_the_leaderboard(tmp_path, two_tiny):
                  (pool, arena_tab.TYPED, "x" * 5000, None, 4, 0.0, 1.0), (999, arena_tab.TYPED, "hi", None, 4, 0, 1)]:
         assert [s[0] for s in arena_tab.battle(service, *args)] == [None]
     assert arena_tab.cast_vote(service, None, "a")[0] is None
+    assert arena_tab.delete_pool(service, None)[1] == ""  # not confirmed: nothing happens
+    assert service.get_arena_pool(pool)["name"] == "tiny"
+    pools, message = arena_tab.delete_pool(service, pool)
+    assert message == "Pool 'tiny' and its votes deleted." and pools["value"] is None and pools["choices"] == []
+    assert arena_tab.delete_pool(service, pool)[1] == f"no arena pool {pool}"  # gone: a message, not a crash
     demo = ui.build_demo(base)  # the page registers the tab
     assert "arena" in demo.workbench
     base.close()
