@@ -269,13 +269,13 @@ def check_quantization(model: ModelSettings, adapter: AdapterConfig) -> None:
 
 
 BUILTIN_DATASET = "builtin:math"
-COLUMN_ROLES = ("instruction", "input", "output", "answer")
+COLUMN_ROLES = ("instruction", "input", "output", "answer", "messages")  # messages: conversations
 
 
 @dataclass
 class DataSettings(Settings):
     source: str = setting(BUILTIN_DATASET, "builtin:math, a JSON/JSONL/CSV file, or a hub dataset id")
-    columns: dict = setting({}, "mapping from our names (instruction, input, output) to the file's columns",
+    columns: dict = setting({}, "mapping from our names (instruction, input, output; messages) to the file's columns",
                             keys=COLUMN_ROLES)
     template: str = setting("alpaca", "prompt template: the LLM-Adapters (alpaca) one or the model's chat template",
                             choices=("alpaca", "chat"))
