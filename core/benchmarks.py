@@ -3,7 +3,9 @@
 Registry: seven arithmetic sets (gsm8k, SVAMP, AQuA, MultiArith, AddSub, SingleEq, mawps) and eight
 commonsense sets (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge,
 openbookqa), looked up case-insensitively with aliases (``siqa``, ``obqa``, ``arc-e``...). Files are
-in the LLM-Adapters JSON format: a list of ``{instruction, input, output, answer}``.
+in the LLM-Adapters JSON format: a list of ``{instruction, input, output, answer}``; a file may add a
+``choices`` column (a list of option texts; the answer is an option's 0-based index or its text),
+whose options ``core.choices`` reads and generation sees listed in the instruction.
 
 Answer extraction follows LLM-Adapters (``evaluate.py`` / ``commonsense_evaluate.py``):
 
@@ -229,7 +231,7 @@ def infer_answer_type(golds: list[Any], name: str = "benchmark") -> str:
 class Benchmark:
     name: str
     answer_type: str
-    examples: list[dict[str, str]]  # instruction, input, answer, output
+    examples: list[dict[str, Any]]  # instruction, input, answer, output (+ question, choices: a choices column)
     source: str = ""  # the file path or hub id it was read from
 
     def __len__(self) -> int:
@@ -296,7 +298,7 @@ _INSTRUCTION_KEYS = ("instruction", "question", "prompt")
 _ANSWER_KEYS = ("answer", "label", "gold")
 
 
-def _normalise(rows: list[tuple[str, Any]], name: str, from_hub: bool = False) -> list[dict[str, str]]:
+def _normalise(rows: list[tuple[str, Any]], name: str, from_hub: bool = False) -> list[dict[str, Any]]:
     examples = []
     for where, row in rows:
         if not isinstance(row, dict):
@@ -317,11 +319,31 @@ def _normalise(rows: list[tuple[str, Any]], name: str, from_hub: bool = False) -
             raise BenchmarkError(f"{name}: {where}: 'answer' is a {type(answer).__name__}, not text or a number")
         ex_input = row.get("input") or ""
         output = row.get("output") or ""
-        examples.append({"instruction": instruction, "input": ex_input if isinstance(ex_input, str) else str(ex_input),
-                         "answer": str(answer).strip(), "output": output if isinstance(output, str) else str(output)})
+        example: dict[str, Any] = {"instruction": instruction,
+                                   "input": ex_input if isinstance(ex_input, str) else str(ex_input),
+                                   "answer": str(answer).strip(), "output": output if isinstance(output, str) else str(output)}
+        if examples and (row.get("choices") is not None) != ("choices" in examples[0]):
+            raise BenchmarkError(f"{name}: {where} {'has' if row.get('choices') is not None else 'has no'} 'choices', unlike "
+                                 "row 1: give every row its choices, or none")
+        if row.get("choices") is not None:
+            example.update(_with_choices(instruction, row["choices"], answer, f"{name}: {where}"))
+        examples.append(example)
     if not examples:
         raise BenchmarkError(f"{name}: the benchmark is empty")
     return examples
+
+
+def _with_choices(question: str, choices: Any, answer: Any, where: str) -> dict[str, Any]:
+    """A row with a ``choices`` column (``core.choices.choices_column``): the options listed in the
+    instruction in the LLM-Adapters ``answer`` layout for generation, gold ``answer<k>``, and the
+    question and options kept for log-likelihood scoring."""
+    from .choices import choices_column
+
+    options, label = choices_column(choices, answer, where)
+    listed = " ".join(f"Answer{k}: {c}" for k, c in enumerate(options, 1))
+    labels = "/".join(f"answer{k}" for k in range(1, len(options) + 1))
+    return {"instruction": f"{question}\n\n{listed}\n\nAnswer format: {labels}", "answer": label,
+            "question": question, "choices": options}
 
 
 def load_benchmark(name_or_path: str | Path, data_dir: str | Path | None = None,
@@ -363,6 +385,8 @@ def load_benchmark(name_or_path: str | Path, data_dir: str | Path | None = None,
     named = Path(where.display_name) if where.kind == "upload" else Path(source)
     info = _info_for_path(named)
     kind = info.answer_type if info else infer_answer_type([e["answer"] for e in examples], where.display_name)
+    if "choices" in examples[0]:  # the options of a choices column are labelled answer1, answer2...
+        kind = "answer"
     return Benchmark(info.name if info else named.stem, kind, examples, str(path))
 
 
