@@ -2,7 +2,9 @@
 
 Models come from ``core.generate``: the base model is loaded once per process and shared; each adapter
 sits on its own copy in a small LRU cache. Conversations are per browser session (``gr.State``).
-Each question is answered independently (the models were trained on single instructions).
+A model with template ``chat`` (an adapter trained on chat-format data or with the chat template; a base
+model with a chat template of its own) is given the conversation so far, rendered with the template it
+was trained with; an alpaca-trained adapter answers each question on its own, as it was trained.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from .common import error_text, warn
 MAX_SIDE_BY_SIDE = 4
 SAMPLES_FILE = Path(__file__).resolve().parents[1] / "assets" / "math_eval.json"
 ADAPTER_STATUSES = ("succeeded", "cancelled", "interrupted", "failed")
+FAILED = "⚠️ "  # starts an error shown in place of an answer: such a turn is not part of the conversation
+PLACEHOLDERS = ("…", "_loading the model…_", "_(empty answer)_")
+# Earlier turns a chat-template model is given: at most this many questions' worth of text (the
+# deployment's prompt_chars each), most recent first, so one conversation cannot grow without bound.
+HISTORY_PROMPTS = 4
 
 
 def sample_problems(n: int = 6) -> list[str]:
@@ -97,6 +104,25 @@ def _adapter_template(service: Any, values: list[str]) -> str | None:
     return None
 
 
+def conversation(messages: list[dict], max_chars: int = 0) -> list[dict[str, str]]:
+    """The earlier turns of a column as a model's history: its user/assistant pairs that got an answer
+    (not an error or a placeholder), the most recent ones whose text fits ``max_chars`` (0 = all)."""
+    pairs = []
+    for user, reply in zip(messages[::2], messages[1::2]):
+        text = reply.get("content") if isinstance(reply, dict) else None
+        if (isinstance(text, str) and reply.get("role") == "assistant" and text not in PLACEHOLDERS
+                and not text.startswith(FAILED) and isinstance(user, dict) and user.get("role") == "user"
+                and isinstance(user.get("content"), str)):
+            pairs.append([{"role": "user", "content": user["content"]}, {"role": "assistant", "content": text}])
+    kept, used = [], 0
+    for pair in reversed(pairs):
+        used += sum(len(t["content"]) for t in pair)
+        if max_chars and used > max_chars:
+            break
+        kept = pair + kept
+    return kept
+
+
 def respond(service: Any, question: str, models: list[str], histories: list[list[dict]] | None,
             max_new_tokens: int, temperature: float, top_p: float,
             options: list[tuple[str, str]] | None = None) -> Iterator[list[list[dict]]]:
@@ -147,6 +173,8 @@ def _answer_all(service: Any, question: str, models: list[str], histories: list[
     from core.generate import stream_answer
 
     template = _adapter_template(service, models)
+    budget = service.deployment.limits.prompt_chars * HISTORY_PROMPTS
+    past = [conversation(h, budget) for h in histories]
     for i in range(len(models)):
         histories[i] = histories[i] + [{"role": "user", "content": question},
                                        {"role": "assistant", "content": "…"}]
@@ -157,14 +185,14 @@ def _answer_all(service: Any, question: str, models: list[str], histories: list[
             yield histories
             chat = load_chat_model(service, value, template if value.startswith(BASE_KEY) else None)
             answer = ""
-            for answer in stream_answer(chat, question, settings):
+            for answer in stream_answer(chat, question, settings, history=past[i]):
                 histories[i][-1] = {"role": "assistant", "content": answer or "…"}
                 yield histories
             histories[i][-1] = {"role": "assistant", "content": answer or "_(empty answer)_"}
         except Exception as err:  # one model failing must not stop the others
             text = error_text(err)
             warn(f"{label_of(value, options or [])}: {text}")
-            histories[i][-1] = {"role": "assistant", "content": text}
+            histories[i][-1] = {"role": "assistant", "content": FAILED + text}
         yield histories
 
 

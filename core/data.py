@@ -1,8 +1,10 @@
 """Instruction data: loading (JSON, JSONL, CSV, hub ids, the built-in set), splitting, tokenising, batching.
 
 Records are normalised to ``{instruction, input, output[, answer]}`` (the LLM-Adapters / Alpaca
-format). Tokenised examples carry ``labels`` with ``-100`` on the prompt tokens (unless
-``train_on_inputs``), so only the response is learned.
+format), or, for chat-format data (a ``messages`` or ``conversations`` column), to ``{messages}``
+(``core.chat_data``: checked, rendered with the chat template, loss on every assistant turn). Tokenised
+examples carry ``labels`` with ``-100`` on the prompt tokens (unless ``train_on_inputs``), so only the
+response is learned.
 
 Public API: ``load_records``, ``split_records``, ``tokenize_records`` (-> ``TokenizedData`` of
 ``Example``), ``length_stats``, ``preview_rows``, ``collate``, ``prompt_lengths``, ``shard``; errors are
@@ -190,6 +192,8 @@ def load_records(source: str, columns: dict[str, str] | None = None, limit: int 
                  uploads_dir: str | Path | None = None) -> Records:
     """Load and normalise instruction data; raise ``DataError`` naming the file and row at fault.
 
+    Rows with conversations (see ``core.chat_data``) become ``{"messages": [{role, content}]}``.
+
     ``source``: ``builtin:math`` (or a part of it by operations, ``builtin:math?ops=add,sub``), a ``.json`` (a list of objects, or JSON Lines), ``.jsonl`` or ``.csv``
     file, an upload, or a hub dataset id (its train split), as ``core.sources.resolve_data`` allows in
     this deployment. ``columns`` maps our names (instruction, input, output, answer) to the file's.
@@ -231,6 +235,13 @@ def load_records(source: str, columns: dict[str, str] | None = None, limit: int 
         raw = raw[:cap]
         records.notes.append(f"only the first {cap:,} rows of {name} were read (the server's limit per dataset)")
     _check_mapping(name, columns, raw)
+    from .chat_data import chat_column, conversation_records  # it imports this module
+
+    column = chat_column(columns, raw)
+    if column is not None:
+        chats = conversation_records(name, raw, column, limit)
+        chats.notes = records.notes
+        return chats
     for n, (where, row) in enumerate(raw, 1):
         if limit and len(records) >= limit:
             break
@@ -333,6 +344,14 @@ def tokenize_records(records: list[dict], tokenizer: Any, template: str = "alpac
     """
     if not records:
         return TokenizedData(examples=[], num_truncated=0, num_dropped=0)
+    if "messages" in records[0]:
+        from .chat_data import tokenize_conversations
+
+        _chat_template_set(template)
+        try:
+            return tokenize_conversations(records, tokenizer, cutoff_len, train_on_inputs)
+        except ValueError as err:  # the template refuses a conversation
+            raise DataError(str(err), field="data.template") from None
     prompts = [render_prompt(r["instruction"], r.get("input", ""), template, tokenizer) for r in records]
     fulls = [p + r["output"] for p, r in zip(prompts, records)]
     add_special = template != "chat"  # a chat template already holds its special tokens
@@ -356,6 +375,13 @@ def tokenize_records(records: list[dict], tokenizer: Any, template: str = "alpac
     return TokenizedData(examples=examples, num_truncated=truncated, num_dropped=dropped)
 
 
+def _chat_template_set(template: str) -> None:
+    if template != "chat":
+        raise DataError("the dataset holds conversations, which are rendered with a chat template: set "
+                        "data.template to 'chat' (the model's own, or ChatML where it has none)",
+                        field="data.template")
+
+
 def length_stats(data: TokenizedData) -> dict[str, Any]:
     """Token-length statistics for a preview: count, min, mean, median, p95, max, truncated, dropped, label tokens."""
     lengths = sorted(len(e.input_ids) for e in data.examples)
@@ -368,8 +394,20 @@ def length_stats(data: TokenizedData) -> dict[str, Any]:
     return out
 
 
-def preview_rows(records: list[dict], tokenizer: Any, template: str = "alpaca", n: int = 5) -> list[dict[str, str]]:
-    """The first rows as the model will see them: rendered prompt and response."""
+def preview_rows(records: list[dict], tokenizer: Any, template: str = "alpaca", n: int = 5, cutoff_len: int = 0,
+                 train_on_inputs: bool = False) -> list[dict[str, str]]:
+    """The first rows as the model will see them: rendered prompt and response.
+
+    A conversation's ``prompt`` is the whole rendered conversation with the trained tokens marked
+    (``core.chat_data.preview_conversations``; cut at ``cutoff_len`` > 0), its ``response`` a count."""
+    if records and "messages" in records[0]:
+        from .chat_data import preview_conversations
+
+        _chat_template_set(template)
+        try:
+            return preview_conversations(records[:n], tokenizer, cutoff_len, train_on_inputs)
+        except ValueError as err:
+            raise DataError(str(err), field="data.template") from None
     return [{"prompt": render_prompt(r["instruction"], r.get("input", ""), template, tokenizer),
              "response": r["output"]} for r in records[:n]]
 

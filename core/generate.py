@@ -7,6 +7,11 @@ between a few adapters costs nothing. Both caches hold at most the deployment's
 ``limits.chat_new_tokens`` tokens long: a longer ``max_new_tokens`` is clamped silently, so a form
 with a generous default works in every mode. Base models go through ``core.sources`` like every other
 load: a model whose own code would have to run is refused here (``RemoteCodeError``).
+
+With template ``chat`` (adapters trained on chat data or with the chat template, and base models that
+have one) the earlier turns of the conversation are rendered before the question with the same template
+as in training (``core.templates.render_chat``), oldest turns dropped first when the prompt would not
+fit the model's context; with ``alpaca`` each question is answered on its own, as it was trained.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from .decoding import model_device
 from .deployment import Deployment, current
 from .inject import load_adapter, read_adapter_config
 from .models import get_model
-from .templates import render_prompt
+from .templates import CHATML_STOPS, render_chat, render_prompt
 
-STOP_MARKERS = ("\n### Instruction", "\n### Input", "\n### Response", "\nBelow is an instruction")
+STOP_MARKERS = ("\n### Instruction", "\n### Input", "\n### Response", "\nBelow is an instruction", *CHATML_STOPS)
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -108,19 +114,47 @@ def new_tokens(settings: GenerationSettings, deployment: Deployment | None = Non
     return min(wanted, cap) if cap > 0 else wanted
 
 
+def prompt_inputs(chat: ChatModel, question: str, history: list[dict[str, str]] | None = None,
+                  max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """The tokenised prompt: ``question`` after ``history`` (``{role, content}`` turns) with template
+    ``chat``, the question alone with ``alpaca``.
+
+    Chat text is tokenised without added special tokens, as in training (the template holds them).
+    The oldest user/assistant pairs are dropped (a system turn first is kept) until the prompt and
+    ``max_new_tokens`` fit the model's ``max_position_embeddings`` where it has one.
+    """
+    tok = chat.tokenizer
+    if chat.template != "chat":
+        return tok(render_prompt(question, "", chat.template, tok), return_tensors="pt")
+    turns = list(history or [])
+    for k, turn in enumerate(turns, 1):
+        if not (isinstance(turn, dict) and turn.get("role") in ROLES and isinstance(turn.get("content"), str)):
+            raise ValueError(f"history turn {k}: expected {{role: system|user|assistant, content: text}}")
+    system = turns[:1] if turns and turns[0]["role"] == "system" else []
+    turns = turns[len(system):]
+    limit = getattr(getattr(chat.model, "config", None), "max_position_embeddings", None)
+    while True:
+        text = render_chat([*system, *turns, {"role": "user", "content": question}], tok, add_generation_prompt=True)
+        inputs = tok(text, return_tensors="pt", add_special_tokens=False)
+        if not limit or not turns or inputs["input_ids"].shape[1] + max_new_tokens <= limit:
+            return inputs
+        turns = turns[2:]
+
+
 def stream_answer(chat: ChatModel, question: str, settings: GenerationSettings | None = None,
-                  deployment: Deployment | None = None) -> Iterator[str]:
+                  deployment: Deployment | None = None, history: list[dict[str, str]] | None = None) -> Iterator[str]:
     """Yield the answer as it grows (each item is the whole answer so far); at most the deployment's
-    ``chat_new_tokens`` new tokens (a larger ``max_new_tokens`` is clamped)."""
+    ``chat_new_tokens`` new tokens (a larger ``max_new_tokens`` is clamped). ``history``: the earlier
+    turns, used with template ``chat`` (see ``prompt_inputs``)."""
     settings = settings or GenerationSettings()
     tok = chat.tokenizer
-    prompt = render_prompt(question, "", chat.template, tok)
-    inputs = tok(prompt, return_tensors="pt")
+    limit = new_tokens(settings, deployment)
+    inputs = prompt_inputs(chat, question, history, limit)
     device = model_device(chat.model)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     sample = settings.temperature > 0
-    kwargs = dict(**inputs, max_new_tokens=new_tokens(settings, deployment), do_sample=sample, streamer=streamer,
+    kwargs = dict(**inputs, max_new_tokens=limit, do_sample=sample, streamer=streamer,
                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                   stopping_criteria=StoppingCriteriaList([_StopOnMarkers(tok, inputs["input_ids"].shape[1])]))
     if sample:
@@ -150,8 +184,8 @@ def stream_answer(chat: ChatModel, question: str, settings: GenerationSettings |
 
 
 def answer(chat: ChatModel, question: str, settings: GenerationSettings | None = None,
-           deployment: Deployment | None = None) -> str:
+           deployment: Deployment | None = None, history: list[dict[str, str]] | None = None) -> str:
     result = ""
-    for result in stream_answer(chat, question, settings, deployment):
+    for result in stream_answer(chat, question, settings, deployment, history):
         pass
     return result
