@@ -203,8 +203,10 @@ def preview(service: Any, form: dict[str, Any]) -> tuple[dict, list[list[str]], 
             raise ConfigError("model.name", str(err)) from None
         template = settings.get("template", "alpaca")
         try:
-            rows = data_mod.preview_rows(records, tok, template, n=PREVIEW_ROWS)
-        except ValueError as err:  # e.g. the chat template on a model without one
+            rows = data_mod.preview_rows(records, tok, template, n=PREVIEW_ROWS,
+                                         cutoff_len=int(settings.get("cutoff_len", 256)),
+                                         train_on_inputs=bool(settings.get("train_on_inputs", False)))
+        except ValueError as err:  # e.g. a chat template that refuses the conversation
             raise ConfigError("data.template", str(err)) from None
         tokenized = data_mod.tokenize_records(records[:STATS_ROWS], tok, template,
                                               int(settings.get("cutoff_len", 256)),
@@ -217,8 +219,21 @@ def preview(service: Any, form: dict[str, Any]) -> tuple[dict, list[list[str]], 
                 f"{stats.get('mean')}, median {stats.get('median')}, p95 {stats.get('p95')}, max {stats.get('max')} · "
                 f"**{stats.get('num_truncated', 0)} truncated** at {settings.get('cutoff_len')} · "
                 f"{stats.get('num_dropped', 0)} dropped (no response token left)"
-                + "".join(f" · {n}" for n in getattr(records, "notes", [])))
+                + "".join(f" · {n}" for n in getattr(records, "notes", []))
+                + "".join(f" · {n}" for n in _chat_notes(records, tok, template)))
     return error_update(None), [[r["prompt"], r["response"]] for r in rows], stats_md
+
+
+def _chat_notes(records: list[dict], tok: Any, template: str) -> list[str]:
+    """The preview's notes on chat rendering: ChatML standing in for a missing template; the marks."""
+    from core.chat_data import TRAIN_OPEN, TRAIN_CLOSE
+    from core.templates import template_note
+
+    notes = [n for n in [template_note(tok, template)] if n]
+    if records and "messages" in records[0]:
+        notes.append(f"conversations: the loss is taken on the tokens between {TRAIN_OPEN} and {TRAIN_CLOSE} "
+                     "(every assistant turn)")
+    return notes
 
 
 def benchmark_choices() -> list[tuple[str, str]]:
