@@ -16,6 +16,8 @@
     python -m jobs worker [--devices auto|cpu|cuda|cuda:0,1] [--tag NAME] [--concurrency N]
                           [--lease S] [--heartbeat S] [--poll S] [--until-idle]
     python -m jobs workers [--json]                                         # the registry: live and stale
+    python -m jobs space-export DIR [--force] [--title T] [--admins A,B] [--allow-models M,N]
+                         [--allow-datasets D,E] [--set WORKBENCH_X=V]       # the files of a Hugging Face Space
 
 ``--db URL`` (before the command) picks the database; default ``$WORKBENCH_DB_URL`` or
 ``$WORKBENCH_HOME/workbench.db``.
@@ -181,6 +183,30 @@ def _merge_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     return p
 
 
+def _space_export(args: argparse.Namespace) -> int:
+    from .space_export import SpaceExportError, SpaceSettings, export_space
+
+    def ids(text: str) -> tuple[str, ...]:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+
+    extra = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SpaceExportError(f"--set {item!r}: use NAME=VALUE")
+        extra[name.strip()] = value.strip()
+    settings = SpaceSettings(title=args.title, admins=ids(args.admins), allowed_models=ids(args.allow_models),
+                             allowed_datasets=ids(args.allow_datasets), extra=extra)
+    export_space(args.dir, settings, force=args.force)
+    print(f"Space files written to {args.dir}. Next, with OWNER/NAME your Space:\n"
+          f"  hf repos create OWNER/NAME --type space --sdk gradio\n"
+          f"  hf spaces variables add OWNER/NAME --env-file {args.dir}/space-variables.env\n"
+          f"  hf upload OWNER/NAME {args.dir} . --repo-type space\n"
+          "and attach a persistent storage volume (Settings) so jobs survive a restart.", file=sys.stderr)
+    print(args.dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs", description="Adapter Workbench background jobs")
     parser.add_argument("--db", help="database URL (default $WORKBENCH_DB_URL or $WORKBENCH_HOME/workbench.db)")
@@ -258,6 +284,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit when nothing this worker could run is queued and nothing runs here")
     p = sub.add_parser("workers", help="the workers sharing this database: devices, heartbeat, running jobs")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("space-export", help="write the files of a Hugging Face Space running this workbench "
+                                            "in public mode (jobs/space_export.py)")
+    p.add_argument("dir", help="a new or empty folder (e.g. a clone of the Space's repository)")
+    p.add_argument("--force", action="store_true", help="replace the Space's files in a non-empty folder")
+    p.add_argument("--title", default="Adapter Workbench", help="the Space's title")
+    p.add_argument("--admins", default="", help="Hugging Face user names who are admins, comma-separated")
+    p.add_argument("--allow-models", default="", help="hub model ids visitors may train on, beyond the catalogue")
+    p.add_argument("--allow-datasets", default="", help="hub dataset ids visitors may use")
+    p.add_argument("--set", action="append", default=[], metavar="WORKBENCH_X=VALUE",
+                   help="another Variable of the Space, e.g. WORKBENCH_LIMIT_MAX_STEPS=500 (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "worker" and args.lease < 2 * args.heartbeat:
         parser.error(f"--lease ({args.lease:g}) must be at least twice --heartbeat ({args.heartbeat:g})")
@@ -302,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
         spec = read_json(args.spec, "study file", StudySpec.from_dict)
     elif cmd == "worker":  # a bad --devices is told before the database is opened
         devices = parse_devices(args.devices)
+    elif cmd == "space-export":  # no database: files only
+        return _space_export(args)
     service = JobService(args.db)
     if cmd == "submit":
         name = "<stdin>" if args.spec == "-" else args.spec
