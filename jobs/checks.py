@@ -32,6 +32,7 @@ class SpecChecksAPI(ServiceBase):
         """
         from core.config import JobSpec
         from core.fields import ConfigError
+        from core.trackers import check_report_to
 
         if kind not in KINDS:
             raise ConfigError("kind", f"unknown job kind {kind!r}; use {', '.join(KINDS)}")
@@ -45,6 +46,7 @@ class SpecChecksAPI(ServiceBase):
             spec = JobSpec.from_dict(spec.to_dict())  # a private copy
         spec.validate()
         self._check_remote_code(spec)
+        check_report_to(spec, kind, self.deployment, self.actor.admin)  # public: the server's trackers only
         self._check_model(spec)
         if kind == "train":
             self._check_data(spec)

@@ -24,12 +24,13 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import core
-from core.callbacks import TrainCallbacks
+from core.callbacks import CallbackList, TrainCallbacks
 from core.config import JobSpec
 from core.metrics import eval_record, finite, step_record
+from core.trackers import TrackerRun, Trackers, job_trackers, open_trackers
 
 from .run import Budget, Cancelled, Recorder, StopFlag
 from .service import JobService
@@ -105,17 +106,33 @@ def _jsonable(value: Any) -> Any:
 
 def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: StopFlag,
               budget: Budget) -> tuple[str, dict[str, Any]]:
-    from core.train import train
-
+    """Train (and evaluate) with the job's experiment trackers (``core.trackers``) listening; their link
+    records go into the job's ``result["trackers"]`` as soon as a run's page is known."""
     spec = JobSpec.from_dict(job["spec"])
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    run = TrackerRun(name=f"job-{out_dir.name}", config={**spec.to_dict(), "job_id": job["id"]}, out_dir=out_dir,
+                     home=service.home)
+    with open_trackers(job_trackers(spec), run, on_links=lambda links: rec.update(result={"trackers": links})) \
+            as trackers:
+        status, values = _train_and_evaluate(service, job, spec, rec, stop, budget, trackers)
+        trackers.finish(status)
+    if trackers.trackers:
+        values["result"]["trackers"] = trackers.links()
+    return status, values
+
+
+def _train_and_evaluate(service: JobService, job: dict[str, Any], spec: JobSpec, rec: Recorder, stop: StopFlag,
+                        budget: Budget, trackers: Trackers) -> tuple[str, dict[str, Any]]:
+    from core.train import train
+
+    out_dir = Path(job["out_dir"])
     rec.update(phase="loading model and data")
     rec.flush()
     resume = job["resume_checkpoint"]
     if resume:
         print(f"== resuming from {resume}", flush=True)
-    result = train(spec, out_dir, _train_callbacks(rec, stop, budget), resume_from=resume)
+    result = train(spec, out_dir, CallbackList([_train_callbacks(rec, stop, budget), trackers]), resume_from=resume)
     values: dict[str, Any] = dict(
         step=result.steps, total_steps=result.total_steps, best_val_loss=finite(result.best_val_loss),
         last_loss=finite(result.final_loss), phase=None,
@@ -132,7 +149,8 @@ def run_train(service: JobService, job: dict[str, Any], rec: Recorder, stop: Sto
     if spec.eval.benchmarks:
         rec.flush()
         values["result"]["evaluations"] = run_benchmarks(service, spec, job, rec, stop, budget,
-                                                         Path(result.adapter_dir), adapter_job_id=job["id"])
+                                                         Path(result.adapter_dir), adapter_job_id=job["id"],
+                                                         on_result=trackers.on_benchmark)
     return "succeeded", values
 
 
@@ -179,8 +197,10 @@ def run_merge(service: JobService, job: dict[str, Any], rec: Recorder, stop: Sto
 
 
 def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Recorder, stop: StopFlag,
-                   budget: Budget, adapter_dir: Path | None, adapter_job_id: int | None) -> list[int]:
-    """Evaluate the base model (with ``adapter_dir`` loaded if given) on ``spec.eval.benchmarks``."""
+                   budget: Budget, adapter_dir: Path | None, adapter_job_id: int | None,
+                   on_result: Callable[[str, float, int, int], None] | None = None) -> list[int]:
+    """Evaluate the base model (with ``adapter_dir`` loaded if given) on ``spec.eval.benchmarks``;
+    ``on_result(name, accuracy, correct, total)`` hears each benchmark's result once recorded."""
     rec.update(phase="loading model for evaluation")
     rec.flush()
     loaded, reduced = _load_base(spec)
@@ -218,6 +238,8 @@ def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Rec
             total=res.total, seconds=res.seconds, samples=res.samples, job_id=adapter_job_id, run_job_id=job["id"],
             settings=settings)
         ids.append(ev)
+        if on_result is not None:
+            on_result(name, res.accuracy, res.correct, res.total)
         print(f"== {name}: accuracy {res.accuracy:.4f} ({res.correct}/{res.total}) in {res.seconds:.1f}s", flush=True)
     return ids
 
