@@ -1,8 +1,10 @@
 """Compare tab: evaluate adapters and base models on benchmarks; accuracy table, charts, disagreements.
 
 Evaluations run as jobs (``kind="evaluate"``) in the worker, like training, and land in the database;
-this tab reads them back: the latest result per (model, benchmark), as a table, a grouped bar chart, a
-scatter of accuracy against trainable parameters, and the examples on which the models disagree.
+this tab reads them back: the latest result per (model, benchmark, protocol), as a table with a column
+per benchmark and protocol (``piqa (loglik)``; acc_norm beside acc where the protocol gives one), a
+grouped bar chart, a scatter of accuracy against trainable parameters, and for one column the examples
+on which the models disagree with McNemar's test of its two best models.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from core.config import PROTOCOLS
 from jobs.compare import parse_model_key
 
 from .charts import accuracy_bars, accuracy_scatter
@@ -22,21 +25,29 @@ from .train_tab import benchmark_choices
 
 POLL_SECONDS = 3.0
 MAX_DISAGREEMENTS = 200
+PROTOCOL_CHOICES = [("generate: the paper's (generate an answer, extract it)", "generate"),
+                    ("loglikelihood: lm-eval's multiple choice (options' log-probabilities)", "loglikelihood")]
+
+
+def result_cell(res: dict[str, Any]) -> str:
+    """A matrix cell: accuracy % (correct/total), and acc_norm % where the protocol gives one."""
+    text = f"{100 * res['accuracy']:.1f} ({res['correct']}/{res['total']})"
+    return text if res.get("accuracy_norm") is None else f"{text}, norm {100 * res['accuracy_norm']:.1f}"
 
 
 def results_table(matrix: dict[str, Any]):
     """(headers, rows, long rows for the bar chart, points for the scatter) from the service's matrix."""
-    benchmarks = matrix["benchmarks"]
-    headers = ["model", "method", "trainable params", *benchmarks, "mean"]
+    labels = [c["label"] for c in matrix["columns"]]
+    headers = ["model", "method", "trainable params", *labels, "mean"]
     rows, long_rows, points = [], [], []
     for r in matrix["rows"]:
         cells, accs = [], []
-        for b in benchmarks:
-            res = r["results"].get(b)
-            cells.append(f"{100 * res['accuracy']:.1f} ({res['correct']}/{res['total']})" if res else "")
+        for label in labels:
+            res = r["results"].get(label)
+            cells.append(result_cell(res) if res else "")
             if res:
                 accs.append(res["accuracy"])
-                long_rows.append({"model": r["label"], "benchmark": b, "accuracy": res["accuracy"]})
+                long_rows.append({"model": r["label"], "benchmark": label, "accuracy": res["accuracy"]})
         mean = sum(accs) / len(accs) if accs else None
         trainable = r["trainable_params"] or 0
         rows.append([r["label"], r["method"], f"{trainable:,}", *cells, f"{100 * mean:.1f}" if mean is not None else ""])
@@ -44,10 +55,15 @@ def results_table(matrix: dict[str, Any]):
     return headers, rows, long_rows, points
 
 
-def disagreement_table(service: Any, matrix: dict[str, Any], benchmark: str | None, only_disagreeing: bool = True):
-    """(headers, rows): per example of ``benchmark``, the question, the gold answer and each model's answer."""
-    evs = {r["label"]: r["results"][benchmark]["evaluation_id"] for r in matrix["rows"]
-           if benchmark and benchmark in r["results"]}
+def column_evaluations(matrix: dict[str, Any], column: str | None) -> dict[str, int]:
+    """``{model label: evaluation id}`` of one column (one benchmark under one protocol)."""
+    return {r["label"]: r["results"][column]["evaluation_id"] for r in matrix["rows"]
+            if column and column in r["results"]}
+
+
+def disagreement_table(service: Any, matrix: dict[str, Any], column: str | None, only_disagreeing: bool = True):
+    """(headers, rows): per example of ``column``, the question, the gold answer and each model's answer."""
+    evs = column_evaluations(matrix, column)
     rows = service.disagreements(evs, only_disagreeing, limit=MAX_DISAGREEMENTS) if evs else []
     cells = [[r["question"], r["gold"] or "",
               *[f"{'✓' if a['correct'] else '✗'} {a['extracted'] or '(none)'}" for a in r["answers"].values()]]
@@ -55,11 +71,41 @@ def disagreement_table(service: Any, matrix: dict[str, Any], benchmark: str | No
     return ["question", "gold", *evs], cells
 
 
+def mcnemar_markdown(service: Any, matrix: dict[str, Any], column: str | None) -> str:
+    """McNemar's exact test of the column's two most accurate models (ties in table order) on the questions
+    both answered."""
+    ranked = sorted(((r["results"][column]["accuracy"], r["label"]) for r in matrix["rows"]
+                     if column and column in r["results"]), key=lambda x: -x[0])
+    if len(ranked) < 2:
+        return "McNemar test: needs two models evaluated on this benchmark under this protocol."
+    evs = column_evaluations(matrix, column)
+    t = service.mcnemar({ranked[0][1]: evs[ranked[0][1]], ranked[1][1]: evs[ranked[1][1]]})
+    verdict = "beyond chance" if t["p_value"] < 0.05 else "not beyond chance"
+    return (f"McNemar test on {column}, **{t['a']}** against **{t['b']}** over {t['questions']} questions: "
+            f"{t['n10']} only the first got right, {t['n01']} only the second; exact p = {t['p_value']:.3g}: "
+            f"{verdict}.")
+
+
+def without_choices(benchmarks: list[str]) -> list[str]:
+    """The benchmarks named that have no options to score (number answers): ``loglikelihood`` cannot run
+    them. Registry names and ``builtin:`` sets are known by name; a data file is checked by its job."""
+    from core.benchmarks import benchmark_info
+    from core.choices import has_choices
+
+    out = []
+    for name in benchmarks:
+        info = benchmark_info(name)
+        answer_type = info.answer_type if info is not None else "number" if str(name).startswith("builtin:") else None
+        if answer_type is not None and not has_choices(answer_type):
+            out.append(name)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Handlers.
 
 def run_evaluations(service: Any, models: list[str] | None, benchmarks: list[str] | None, limit: Any,
-                    max_new_tokens: Any) -> dict:
+                    max_new_tokens: Any, protocol: Any = "generate") -> dict:
     """Queue one evaluation job per model: (message box). Nothing is queued when the choice is invalid."""
     from core.config import EvalSettings
     from core.fields import ConfigError
@@ -70,8 +116,14 @@ def run_evaluations(service: Any, models: list[str] | None, benchmarks: list[str
         if not benchmarks:
             raise ConfigError("eval.benchmarks", "pick at least one benchmark")
         settings = EvalSettings(benchmarks=list(benchmarks), limit=int(limit or 0),
-                                max_new_tokens=int(max_new_tokens or 256))
+                                max_new_tokens=int(max_new_tokens or 256), protocol=protocol or "generate")
         settings.validate()
+        numeric = without_choices(settings.benchmarks) if settings.protocol == "loglikelihood" else []
+        if numeric:
+            raise ConfigError("eval.protocol", f"loglikelihood scores the options of multiple-choice questions, and "
+                                               f"{', '.join(numeric)} {'has' if len(numeric) == 1 else 'have'} none "
+                                               f"(number answers): evaluate {'it' if len(numeric) == 1 else 'them'} "
+                                               f"with generate")
     except (ConfigError, TypeError, ValueError) as err:
         return error_update(error_text(err if isinstance(err, ConfigError) else ConfigError("eval", str(err))))
     queued, errors = [], []
@@ -87,18 +139,20 @@ def run_evaluations(service: Any, models: list[str] | None, benchmarks: list[str
     return error_update("\n\n".join(errors) if errors else None)
 
 
-def results(service: Any, models: list[str] | None, benchmark: str | None, only_disagreeing: bool) -> tuple:
-    """(table, bar chart, scatter, benchmark choices, disagreement table, the matrix for export)."""
+def results(service: Any, models: list[str] | None, column: str | None, only_disagreeing: bool) -> tuple:
+    """(table, bar chart, scatter, column choices, disagreement table, McNemar, the matrix for export);
+    ``column`` is a matrix column's label (a benchmark under a protocol)."""
     matrix = service.comparison(models or None)
     headers, rows, long_rows, points = results_table(matrix)
-    benchmarks = matrix["benchmarks"]
-    if benchmark not in benchmarks:
-        benchmark = benchmarks[0] if benchmarks else None
-    d_headers, d_rows = disagreement_table(service, matrix, benchmark, only_disagreeing)
+    columns = [c["label"] for c in matrix["columns"]]
+    if column not in columns:
+        column = columns[0] if columns else None
+    d_headers, d_rows = disagreement_table(service, matrix, column, only_disagreeing)
     table = gr.update(value={"headers": headers, "data": rows})
     dis = gr.update(value={"headers": d_headers, "data": d_rows})
+    test = mcnemar_markdown(service, matrix, column) if column else ""
     return (table, accuracy_bars(long_rows), accuracy_scatter(points),
-            gr.update(choices=benchmarks, value=benchmark), dis, matrix)
+            gr.update(choices=columns, value=column), dis, test, matrix)
 
 
 def results_signature(service: Any) -> str:
@@ -125,6 +179,7 @@ class CompareTab:
     benchmarks: Any
     limit: Any
     max_new_tokens: Any
+    protocol: Any
     run_button: Any
     refresh_button: Any
     message: Any
@@ -134,6 +189,7 @@ class CompareTab:
     benchmark: Any
     only_disagreeing: Any
     disagreement: Any
+    mcnemar: Any
     csv_button: Any
     md_button: Any
     export_file: Any
@@ -143,7 +199,7 @@ class CompareTab:
 
     @property
     def result_outputs(self) -> list[Any]:
-        return [self.table, self.bars, self.scatter, self.benchmark, self.disagreement, self.exported]
+        return [self.table, self.bars, self.scatter, self.benchmark, self.disagreement, self.mcnemar, self.exported]
 
 
 def build_compare_tab(service: Any) -> CompareTab:
@@ -155,10 +211,14 @@ def build_compare_tab(service: Any) -> CompareTab:
         benchmarks = gr.CheckboxGroup(choices=benchmark_choices(), value=[], label="benchmarks", scale=3)
         limit = gr.Number(value=50, precision=0, label="examples per benchmark", info="0 = all", scale=1)
         max_new_tokens = gr.Number(value=256, precision=0, label="max new tokens", scale=1)
+        protocol = gr.Dropdown(choices=PROTOCOL_CHOICES, value=PROTOCOLS[0], label="protocol", scale=2,
+                               info="loglikelihood: multiple-choice benchmarks only")
         run_button = gr.Button("Run evaluations", variant="primary", scale=1)
     message = gr.Markdown("", visible=False, elem_classes="error-box")
     table = gr.Dataframe(value={"headers": ["model", "method", "trainable params", "mean"], "data": []},
-                         interactive=False, wrap=True, max_height=320, label="accuracy (%)")
+                         interactive=False, wrap=True, max_height=320,
+                         label="accuracy (%), a column per benchmark and protocol (generate: the paper's; loglik: "
+                               "log-likelihood multiple choice, with acc_norm; lm-eval: lm-evaluation-harness)")
     with gr.Row():
         csv_button = gr.Button("Export CSV", size="sm")
         md_button = gr.Button("Export Markdown", size="sm")
@@ -168,14 +228,15 @@ def build_compare_tab(service: Any) -> CompareTab:
         scatter = gr.Plot(accuracy_scatter([]), show_label=False)
     gr.Markdown("### Where the models disagree", elem_classes="section-title")
     with gr.Row(equal_height=True):
-        benchmark = gr.Dropdown(choices=[], value=None, label="benchmark", scale=2)
+        benchmark = gr.Dropdown(choices=[], value=None, label="benchmark (protocol)", scale=2)
         only_disagreeing = gr.Checkbox(value=True, label="only examples where the answers differ", scale=2)
     disagreement = gr.Dataframe(value={"headers": ["question", "gold"], "data": []}, interactive=False, wrap=True,
                                 max_height=420)
+    mcnemar = gr.Markdown("")
     tab = CompareTab(models=models, benchmarks=benchmarks, limit=limit, max_new_tokens=max_new_tokens,
-                     run_button=run_button, refresh_button=refresh_button, message=message, table=table, bars=bars,
+                     protocol=protocol, run_button=run_button, refresh_button=refresh_button, message=message, table=table, bars=bars,
                      scatter=scatter, benchmark=benchmark, only_disagreeing=only_disagreeing,
-                     disagreement=disagreement, csv_button=csv_button, md_button=md_button, export_file=export_file,
+                     disagreement=disagreement, mcnemar=mcnemar, csv_button=csv_button, md_button=md_button, export_file=export_file,
                      exported=gr.State(None), timer=gr.Timer(POLL_SECONDS, active=False), seen=gr.State(""))
     _wire(tab, service)
     return tab
@@ -188,22 +249,22 @@ def refresh_models(service: Any, current: list[str] | None) -> dict:
 
 
 def _wire(tab: CompareTab, service: Any) -> None:
-    show = guarded(6)(lambda m, b, o: results(service, m, b, o))
+    show = guarded(len(tab.result_outputs))(lambda m, b, o: results(service, m, b, o))
     inputs = [tab.models, tab.benchmark, tab.only_disagreeing]
     tab.refresh_button.click(guarded(1)(lambda m: refresh_models(service, m)), tab.models, tab.models).then(
         show, inputs, tab.result_outputs)
     tab.models.change(show, inputs, tab.result_outputs, trigger_mode="always_last", show_progress="hidden")
     tab.benchmark.input(show, inputs, tab.result_outputs, show_progress="hidden")
     tab.only_disagreeing.change(show, inputs, tab.result_outputs, show_progress="hidden")
-    tab.run_button.click(guarded(1, 0)(lambda m, b, l, t: run_evaluations(service, m, b, l, t)),
-                         [tab.models, tab.benchmarks, tab.limit, tab.max_new_tokens], tab.message)
+    tab.run_button.click(guarded(1, 0)(lambda m, b, l, t, p: run_evaluations(service, m, b, l, t, p)),
+                         [tab.models, tab.benchmarks, tab.limit, tab.max_new_tokens, tab.protocol], tab.message)
 
     def poll(models, benchmark, only, seen):
         sig = results_signature(service)
         if sig == seen:
-            return (*[gr.skip()] * 6, seen)
+            return (*[gr.skip()] * len(tab.result_outputs), seen)
         return (*results(service, models, benchmark, only), sig)
 
-    tab.timer.tick(guarded(7)(poll), [*inputs, tab.seen], [*tab.result_outputs, tab.seen], show_progress="hidden")
+    tab.timer.tick(guarded(len(tab.result_outputs) + 1)(poll), [*inputs, tab.seen], [*tab.result_outputs, tab.seen], show_progress="hidden")
     tab.csv_button.click(lambda m: export(service, m, "csv"), tab.exported, tab.export_file)
     tab.md_button.click(lambda m: export(service, m, "md"), tab.exported, tab.export_file)

@@ -3,7 +3,7 @@
 The launch panel builds a ``core.study.StudySpec`` over a base job (the Train tab's form, an existing
 job, or the default spec): a preset fills the grid widgets, "Plan" shows the number of jobs and the
 estimated time before anything is queued, "Launch study" submits it. The results panel reads
-``service.study_report`` back: per benchmark, the configurations (mean ± std over seeds), charts by
+``service.study_report`` back: per benchmark and protocol (``AddSub (generate)``), the configurations (mean ± std over seeds), charts by
 placement, by hyperparameter value and by trainable parameters, the best configuration per method and
 the McNemar verdict; exports as Markdown, CSV and HTML. Handlers are top-level functions of a plain
 ``inputs`` dict (see ``app.study_form.build_study``), tested without a browser.
@@ -323,7 +323,7 @@ def build_study_tab(service: Any, train: Any = None) -> StudyTab:
         cancel_button = gr.Button("Cancel study", size="sm", variant="stop", scale=1)
         resume_button = gr.Button("Resume study", size="sm", scale=1)
     status = gr.Markdown("")
-    benchmark = gr.Dropdown(choices=[], value=None, label="benchmark")
+    benchmark = gr.Dropdown(choices=[], value=None, label="benchmark (protocol)")
     table = gr.Dataframe(value={"headers": TABLE_HEADERS, "data": []}, interactive=False, wrap=True, max_height=360,
                          label="configurations, best first")
     with gr.Row():

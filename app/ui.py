@@ -207,7 +207,7 @@ def build_demo(service: Any, deployment: Deployment | None = None, identify: Ide
 
         chat_refresh = safe(lambda p, o: chat_tab.refresh_options(service, p, o), 3)
         compare_models = safe(lambda m: compare_tab.refresh_models(service, m), 1)
-        compare_results = safe(lambda m, b, o: compare_tab.results(service, m, b, o), 6)
+        compare_results = safe(lambda m, b, o: compare_tab.results(service, m, b, o), len(compare.result_outputs))
         compare_inputs = [compare.models, compare.benchmark, compare.only_disagreeing]
 
         chat_item.select(chat_refresh, [chat.primary, chat.others], chat.option_outputs, show_progress="hidden")

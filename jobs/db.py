@@ -388,6 +388,18 @@ def _m6_arena(conn: Connection) -> None:
     ArenaVote.__table__.create(conn, checkfirst=True)
 
 
+def _m7_protocols(conn: Connection) -> None:
+    """Version 7: the protocol as part of a result's identity: ``evaluations.protocol`` (existing results
+    were all generated: ``generate``) and ``accuracy_norm``, and each sample's per-choice ``scores``."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("evaluations")}
+    for column in (sa.Column("protocol", sa.String(32), nullable=False, server_default="generate"),
+                   sa.Column("accuracy_norm", sa.Float, nullable=True)):
+        if column.name not in columns:
+            add_column(conn, "evaluations", column)
+    if "scores" not in {c["name"] for c in sa.inspect(conn).get_columns("eval_samples")}:
+        add_column(conn, "eval_samples", sa.Column("scores", sa.JSON, nullable=True))
+
+
 # (version, description, function taking a Connection inside a transaction), in order.
 MIGRATIONS: list[Migration] = [
     (1, "initial schema: jobs, metric_points, evaluations, eval_samples", _m1_initial),
@@ -396,6 +408,7 @@ MIGRATIONS: list[Migration] = [
     (4, "metric names of core.metrics", _m4_metric_names),
     (5, "workers, and what each job needs to run", _m5_workers),
     (6, "arena pools and votes", _m6_arena),
+    (7, "evaluation protocols, acc_norm and per-choice scores", _m7_protocols),
 ]
 
 

@@ -84,15 +84,15 @@ class MergesAPI(ServiceBase):
 
         jobs, dirs, settings = self._merge_inputs(parent_ids, settings)
         spec, plan = self._merge_spec(jobs, dirs, settings, list(benchmarks))
-        missing = self._missing_evaluations(jobs, spec.eval.benchmarks) if evaluate_parents else []
+        missing = self._missing_evaluations(jobs, spec.eval.benchmarks, spec.eval.protocol) if evaluate_parents else []
         self._check_quota(new_jobs=1 + len(missing))
         label = name or (f"merge {settings.method} of " + ", ".join(f"#{j['id']}" for j in jobs))
         spec.name = label[:200]
         info = {"parents": [j["id"] for j in jobs], "merge": settings.to_dict(), "plan": plan,
                 "method_label": MERGE_METHODS[settings.method]}
         job_id = self._insert(spec, "merge", name=label, info=info)
-        for parent_id, names in missing:
-            self.submit_evaluation(names, job_id=parent_id)
+        for parent_id, names in missing:  # scored as the merge will be, so the matrix compares like with like
+            self.submit_evaluation(names, job_id=parent_id, settings=spec.eval)
         return job_id
 
     def _merge_spec(self, jobs: list[dict], dirs: list[Path], settings: Any, benchmarks: list[str],
@@ -171,11 +171,12 @@ class MergesAPI(ServiceBase):
         return (read_parents(dirs, names=[f"job {p['id']}" for p in parents]), MergeSettings(**info["merge"]),
                 SearchSettings(**info["search"]))
 
-    def _missing_evaluations(self, jobs: list[dict], benchmarks: list[str]) -> list[tuple[int, list[str]]]:
-        """(parent id, the benchmarks it has no evaluation on) for each parent lacking one."""
+    def _missing_evaluations(self, jobs: list[dict], benchmarks: list[str],
+                             protocol: str) -> list[tuple[int, list[str]]]:
+        """(parent id, the benchmarks it has no evaluation on under ``protocol``) for each parent lacking one."""
         out = []
         for job in jobs:
-            done = {e["benchmark"] for e in self.list_evaluations(job_id=job["id"])}
+            done = {e["benchmark"] for e in self.list_evaluations(job_id=job["id"], protocol=protocol)}
             todo = [b for b in benchmarks if b not in done]
             if todo:
                 out.append((job["id"], todo))

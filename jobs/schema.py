@@ -105,7 +105,7 @@ class MetricPoint(Base):
 
 
 class Evaluation(Base):
-    """A benchmark result of a job's adapter, or of a bare base model (``job_id`` NULL)."""
+    """A benchmark result of a job's adapter, or of a bare base model (``job_id`` NULL), under one protocol."""
 
     __tablename__ = "evaluations"
 
@@ -114,7 +114,10 @@ class Evaluation(Base):
     run_job_id: Mapped[int | None] = mapped_column(sa.ForeignKey("jobs.id", ondelete="SET NULL"))  # who ran it
     base_model: Mapped[str] = mapped_column(sa.String(500))
     benchmark: Mapped[str] = mapped_column(sa.String(200), index=True)
+    # how it was scored (jobs.evaluations.PROTOCOLS): part of a result's identity with model and benchmark
+    protocol: Mapped[str] = mapped_column(sa.String(32), default="generate", server_default="generate")
     accuracy: Mapped[float] = mapped_column(sa.Float)
+    accuracy_norm: Mapped[float | None] = mapped_column(sa.Float)  # lm-eval's acc_norm (loglikelihood, lm-eval)
     correct: Mapped[int] = mapped_column(sa.Integer)
     total: Mapped[int] = mapped_column(sa.Integer)
     seconds: Mapped[float | None] = mapped_column(sa.Float)
@@ -137,6 +140,7 @@ class EvalSample(Base):
     response: Mapped[str | None] = mapped_column(sa.Text)
     extracted: Mapped[str | None] = mapped_column(sa.Text)
     correct: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    scores: Mapped[list[Any] | None] = mapped_column(sa.JSON)  # per choice, its summed log-probability
 
     evaluation: Mapped[Evaluation] = relationship(back_populates="samples")
 

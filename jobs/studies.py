@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from .access import ServiceBase
 from .errors import JobNotFound, QuotaError, row_id
+from .evaluations import result_label
 from .schema import ACTIVE, Study
 
 DEFAULT_TOKENS_PER_S = 400.0  # bench/RESULTS.md: LoRA on SmolLM2 on this 2-core CPU
@@ -132,7 +133,8 @@ class StudiesAPI(ServiceBase):
         return new_id
 
     def study_results(self, study_id: int) -> list[Any]:
-        """One ``core.study.CellResult`` per finished cell and benchmark (newest evaluation)."""
+        """One ``core.study.CellResult`` per finished cell, benchmark and protocol (newest evaluation), its
+        benchmark named with the protocol (``result_label``) so the analysis never pools two protocols."""
         from core.study import CellResult
 
         study = self.get_study(study_id)
@@ -140,11 +142,11 @@ class StudiesAPI(ServiceBase):
         for cell, job in zip(study["cells"], study["jobs"]):
             latest: dict[str, dict] = {}
             for ev in sorted(self.list_evaluations(job_id=job["id"]), key=lambda e: e["id"]):
-                latest[ev["benchmark"]] = ev
+                latest[result_label(ev["benchmark"], ev["protocol"])] = ev
             trainable = (job.get("info") or {}).get("trainable") or (job.get("result") or {}).get("trainable_params") or 0
-            for bench, ev in latest.items():
+            for label, ev in latest.items():
                 correct = [s["correct"] for s in sorted(self.eval_samples(ev["id"]), key=lambda s: s["index"])]
-                results.append(CellResult(cell["coordinates"], bench, ev["accuracy"], int(trainable), correct))
+                results.append(CellResult(cell["coordinates"], label, ev["accuracy"], int(trainable), correct))
         return results
 
     def study_report(self, study_id: int) -> dict[str, Any]:

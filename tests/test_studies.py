@@ -52,7 +52,7 @@ def test_grid_study_runs_every_job_and_evaluation(service, tiny_model_dir, tmp_p
     truth = {"lora @both r=2": 0.3, "lora @both r=4": 0.9, "series @mlp bottleneck=4": 0.5,
              "series @mlp bottleneck=8": 0.6}
     rig(service, study_id, {k: [i < v * n for i in range(n)] for k, v in truth.items()})
-    a = service.study_report(study_id)["analysis"]["rigged"]
+    a = service.study_report(study_id)["analysis"]["rigged (generate)"]
     assert [(c["config"], round(c["mean"], 3)) for c in a["configs"]] == sorted(
         ((k, v) for k, v in truth.items()), key=lambda kv: -kv[1])
     assert [b["config"] for b in a["best_per_method"]] == ["lora @both r=4", "series @mlp bottleneck=8"]
@@ -87,15 +87,15 @@ def test_comparison_matrix_of_two_jobs(service, tiny_model_dir, tmp_path):
                                                           for i in range(4)])
     service.record_evaluation(benchmark="AddSub", base_model="tiny", accuracy=0.0, correct=0, total=4)
     matrix = service.comparison([f"job:{ids[0]}", f"job:{ids[1]}", "base:tiny"])
-    assert matrix["benchmarks"] == ["AddSub"]
-    assert [r["results"]["AddSub"]["accuracy"] for r in matrix["rows"]] == [0.25, 0.75, 0.0]
+    assert [c["label"] for c in matrix["columns"]] == ["AddSub (generate)"]
+    assert [r["results"]["AddSub (generate)"]["accuracy"] for r in matrix["rows"]] == [0.25, 0.75, 0.0]
     assert matrix["rows"][0]["trainable_params"] > 0 and matrix["rows"][0]["train_time_s"] > 0
     assert matrix["rows"][2]["method"] == "base"
     md = service.comparison_markdown(matrix)
     assert "| 75.0 |" in md and md.count("\n") == 5
     csv_text = service.comparison_csv(matrix)
-    assert csv_text.splitlines()[0].endswith("AddSub accuracy") and ",0.75" in csv_text
-    evs = {r["label"]: r["results"]["AddSub"]["evaluation_id"] for r in matrix["rows"][:2]}
+    assert csv_text.splitlines()[0].endswith("AddSub (generate) accuracy") and ",0.75" in csv_text
+    evs = {r["label"]: r["results"]["AddSub (generate)"]["evaluation_id"] for r in matrix["rows"][:2]}
     rows = service.disagreements(evs)
     assert [r["index"] for r in rows] == [1, 2]
 

@@ -154,7 +154,7 @@ def test_launch_results_and_exports(service, base_job):
     truth = {"lora @both r=2": 0.3, "lora @both r=4": 0.9, "series @mlp bottleneck=4": 0.5}
     rig(service, study_id, truth)
     status, bench, table, bars, lines, scatter, best, verdict = study_tab.results(service, study_id, None)
-    assert bench["value"] == "rigged"
+    assert bench["value"] == "rigged (generate)"
     rows = table["value"]["data"]
     assert [r[1] for r in rows] == ["lora @both r=4", "series @mlp bottleneck=4", "lora @both r=2"]
     assert rows[0][7] == "90.0 ± 0.0"

@@ -331,13 +331,14 @@ def test_compare_matrix_disagreements_and_export(service, form, tiny_model_dir):
                               samples=samples_base)
     service.record_evaluation(benchmark="toy", base_model=str(tiny_model_dir), accuracy=1.0, correct=3, total=3,
                               samples=samples_job, job_id=job_id)
-    table, bars, scatter, bench, dis, exported = compare_tab.results(service, None, None, True)
+    table, bars, scatter, bench, dis, test, exported = compare_tab.results(service, None, None, True)
     headers, rows = table["value"]["headers"], table["value"]["data"]
-    assert headers == ["model", "method", "trainable params", "toy", "mean"]
+    assert headers == ["model", "method", "trainable params", "toy (generate)", "mean"]
     assert rows[0][0].startswith("base:") and rows[1][2] == "1,234" and rows[1][3].startswith("100.0")
-    assert bench["value"] == "toy" and len(bars.data) == 2
+    assert bench["value"] == "toy (generate)" and len(bars.data) == 2
     assert [r[0] for r in dis["value"]["data"]] == ["q1", "q2"]  # q0: both right, no disagreement
-    assert "| toy |" in service.comparison_markdown(exported).splitlines()[0]
+    assert "over 3 questions: 2 only the first got right, 0 only the second" in test
+    assert "| toy (generate) |" in service.comparison_markdown(exported).splitlines()[0]
     path = compare_tab.export(service, exported, "csv")["value"]
     assert Path(path).read_text().startswith("model,method")
     assert "| 100.0 |" in Path(compare_tab.export(service, exported, "md")["value"]).read_text()
