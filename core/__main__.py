@@ -19,6 +19,7 @@ done. Arguments are checked before torch is imported, so a mistake is reported a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -26,9 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from .callbacks import CallbackList
 from .config import AdapterConfig, JobSpec
 from .fields import ConfigError
-from .paths import InputFileError, WorkbenchHomeError, cli_error, read_json, runs_dir
+from .paths import InputFileError, WorkbenchHomeError, cli_error, read_json, runs_dir, workbench_home
+from .trackers import TrackerRun, job_trackers, open_trackers
 
 USAGE, FAILURE = 2, 1
 # What ``core.train.Trainer`` writes into its output folder (named here: importing core.train loads torch).
@@ -175,6 +178,9 @@ def run(args: argparse.Namespace, bar: ProgressBar) -> int:
         spec = _spec_from_args(args)
         out = Path(args.out).expanduser() if args.out else runs_dir() / f"cli-{time.strftime('%Y%m%d-%H%M%S')}"
         main_rank = os.environ.get("RANK", "0") == "0"  # torchrun's; read here, before torch is imported
+        names = job_trackers(spec) if main_rank else []  # a tracker's missing package is said before anything runs
+        trackers = open_trackers(names, TrackerRun(name=out.name, config=spec.to_dict(), out_dir=out,
+                                                   home=workbench_home() if names else out))
         if main_rank:
             check_out_dir(out, args.out or str(out), args.resume, args.force)
             out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +188,9 @@ def run(args: argparse.Namespace, bar: ProgressBar) -> int:
         from .train import train  # torch: only once the arguments are known to be good
 
         allow_remote_code_here()  # a foreground run is a job: a model's own code may run if the server and spec ask
-        result = train(spec, out, bar, resume_from=args.resume)
+        with trackers, contextlib.redirect_stdout(sys.stderr):  # stdout holds the adapter's folder, nothing else
+            result = train(spec, out, CallbackList([bar, trackers]), resume_from=args.resume)
+            trackers.finish(result.status)
         if not main_rank:
             return 0
         loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
@@ -190,6 +198,9 @@ def run(args: argparse.Namespace, bar: ProgressBar) -> int:
         print(f"{result.status}: {result.steps} steps in {result.elapsed_s:.0f}s, final loss "
               f"{loss}, best validation loss {result.best_val_loss}, "
               f"{result.tokens_per_s:,.0f} tokens/s, peak memory {result.peak_memory_mb:,.0f} MB", file=sys.stderr)
+        for link in trackers.links():
+            shown = f"failed: {link['error']}" if link["error"] else link["url"] or f"view with: {link['view']}"
+            print(f"{link['label']}: {shown}", file=sys.stderr)
         print(result.adapter_dir)
         return 0
     if args.command == "generate":
