@@ -22,6 +22,7 @@ from typing import Any
 import gradio as gr
 
 from core import methods as registry
+from core.deployment import current as current_deployment
 from jobs.artifacts import ARTIFACT_LABELS
 from jobs.devices import GiB
 from jobs.errors import JobError
@@ -146,11 +147,30 @@ def status_markdown(job: dict[str, Any] | None) -> str:
     elif job.get("worker"):
         facts.append(f"worker {job['worker']}")
     lines.append(" · ".join(facts))
+    trackers = tracker_markdown(job, public=current_deployment().public)
+    if trackers:
+        lines.append(trackers)
     if job.get("cancel_requested") and job["status"] == "running":
         lines.append("_Cancel requested: the job stops at its next step and saves its adapter._")
     if job.get("error"):
         lines.append(f"\n**Error:** {job['error']}")
     return "\n\n".join(lines)
+
+
+def tracker_markdown(job: dict[str, Any], public: bool) -> str:
+    """Where the job's experiment trackers (``core.trackers``) show its run: a link where the tracker has a
+    page (W&B online, an MLflow server, a trackio Space or server), else the command that shows the local
+    store; not for public visitors, to whom the server's paths and commands are no use."""
+    parts = []
+    for link in (job.get("result") or {}).get("trackers") or []:
+        label = link.get("label") or link.get("tracker")
+        if link.get("error"):
+            parts.append(f"{label} failed" + ("" if public else f": {link['error']}"))
+        elif link.get("url"):
+            parts.append(f"[{label} run ↗]({link['url']})")
+        elif not public and link.get("view"):
+            parts.append(f"{label}: `{link['view']}`")
+    return "**Trackers:** " + " · ".join(parts) if parts else ""
 
 
 def chart_signature(jobs_by_id: dict[int, dict[str, Any]], ids: list[int], smoothing: float, log_scale: bool):
