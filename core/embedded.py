@@ -16,6 +16,7 @@ calls ``ensure_converted`` in the background.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -23,10 +24,11 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from . import progress
 from .devices import ModelLoadError, error_line
 from .paths import models_dir
 from .sources import CATALOGUE, CatalogueEntry
@@ -132,7 +134,9 @@ def convert(entry: CatalogueEntry, gguf: Path) -> Path:
         try:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+                with _tensor_progress(f"converting {entry.name}"):
+                    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                 dtype=torch.float32)
             except Exception as err:
                 raise ModelLoadError(
                     f"could not de-quantise the embedded model file {str(gguf)!r}: {error_line(err)}. "
@@ -161,6 +165,21 @@ def convert(entry: CatalogueEntry, gguf: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _tensor_progress(label: str) -> Iterator[None]:
+    """Report the de-quantisation tensor by tensor (``core.progress``): transformers wraps that loop in
+    its module's ``tqdm``, which is swapped for ``progress.track`` while this process converts (under
+    ``_convert_lock``), so a job's row or the terminal's bar follows it and a job log gets no bar redraws."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    saved = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda items, *args, **kwargs: progress.track(items, label)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved
 
 
 def ensure_converted(name: str) -> Path | None:
