@@ -32,6 +32,7 @@ from core.config import JobSpec
 from core.metrics import eval_record, finite, step_record
 from core.trackers import TrackerRun, Trackers, job_trackers, open_trackers
 
+from .lmeval_jobs import run_lmeval
 from .run import Budget, Cancelled, Recorder, StopFlag
 from .service import JobService
 
@@ -306,4 +307,4 @@ def run_weight_search(service: JobService, job: dict[str, Any], rec: Recorder, s
 
 
 RUNNERS = {"train": run_train, "evaluate": run_evaluate, "export": run_export, "merge": run_merge,
-           "weight-search": run_weight_search}
+           "weight-search": run_weight_search, "lmeval": run_lmeval}

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-KINDS = ("train", "evaluate", "export", "merge", "weight-search")  # every job kind (jobs.runners.RUNNERS)
+KINDS = ("train", "evaluate", "export", "merge", "weight-search", "lmeval")  # every job kind (jobs.runners.RUNNERS)
 LOCAL_OWNER = "local"  # the owner of every job of local mode, and of jobs made before owners existed
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 DEVICES = ("auto", "cpu", "cuda")  # a job's model.device: what it needs of a worker (jobs.devices)

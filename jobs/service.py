@@ -37,6 +37,7 @@ from .checks import SpecChecksAPI
 from .compare import ComparisonAPI
 from .errors import JobError, iso, row_id
 from .evaluations import EvaluationsAPI
+from .lmeval_jobs import LmEvalAPI
 from .schema import ACTIVE, FINISHED, EvalSample, Evaluation, Job, MetricPoint, utcnow
 from .launch import processes
 from .merges import ADAPTER_KINDS, MERGE_KINDS, MergesAPI
@@ -105,7 +106,7 @@ def checkpoint_step(path: str | Path | None) -> int | None:
 
 
 class JobService(MergesAPI, SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, UploadsAPI, ComparisonAPI, StudiesAPI, WorkersAPI,
-                 ArenaAPI):
+                 ArenaAPI, LmEvalAPI):
     """Jobs in one database (``url``; default ``$WORKBENCH_DB_URL`` or ``$WORKBENCH_HOME/workbench.db``).
 
     ``home`` is where job directories are made (default ``$WORKBENCH_HOME``); ``deployment`` and
