@@ -44,6 +44,7 @@ from .artifacts import ARTIFACT_KINDS
 from .db import DatabaseError
 from .devices import GiB, parse_devices
 from .errors import JobError, JobNotFound
+from .evaluations import PROTOCOLS, result_label
 from .schema import STATUSES
 from .service import JobService
 from .worker import HEARTBEAT_S, LEASE_S
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="generation budget per answer")
     p = sub.add_parser("evaluations", help="benchmark results")
     p.add_argument("--job", type=int)
+    p.add_argument("--protocol", choices=PROTOCOLS, help="only results scored by this protocol")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("study", help="launch a study (grid of jobs) from a study JSON file; prints its id")
     p.add_argument("spec")
@@ -408,14 +410,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"queued weight-search job {job_id}: {args.budget} points on {args.benchmark}", file=sys.stderr)
         print(job_id)
     elif cmd == "evaluations":
-        rows = service.list_evaluations(job_id=args.job)
+        rows = service.list_evaluations(job_id=args.job, protocol=args.protocol)
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
             for r in rows:
                 who = f"job {r['job_id']}" if r["job_id"] is not None else f"base {r['base_model']}"
-                print(f"{r['id']:>4}  {r['benchmark']:<20} {100 * r['accuracy']:6.2f}%  "
-                      f"({r['correct']}/{r['total']})  {who}")
+                norm = f"  norm {100 * r['accuracy_norm']:6.2f}%" if r["accuracy_norm"] is not None else ""
+                print(f"{r['id']:>4}  {result_label(r['benchmark'], r['protocol']):<28} {100 * r['accuracy']:6.2f}%  "
+                      f"({r['correct']}/{r['total']}){norm}  {who}")
     elif cmd == "study":
         with settings_of(args.spec):
             plan = service.plan_study(spec)

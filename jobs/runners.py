@@ -237,7 +237,7 @@ def run_benchmarks(service: JobService, spec: Any, job: dict[str, Any], rec: Rec
         ev = service.record_evaluation(
             benchmark=name, base_model=spec.model.name, accuracy=res.accuracy, correct=res.correct,
             total=res.total, seconds=res.seconds, samples=res.samples, job_id=adapter_job_id, run_job_id=job["id"],
-            settings=settings)
+            settings=settings, protocol=res.protocol, accuracy_norm=res.accuracy_norm)
         ids.append(ev)
         if on_result is not None:
             on_result(name, res.accuracy, res.correct, res.total)

@@ -4,6 +4,7 @@ the disagreement view and McNemar refuse to pair unlike results; acc_norm and pe
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -183,3 +184,46 @@ def test_compare_tab_shows_protocols_and_refuses_loglikelihood_without_choices(s
                                           "loglikelihood")
     assert "**eval.protocol**" in refused["value"] and "builtin:math, AddSub have none" in refused["value"]
     assert service.list_jobs(kind="evaluate") == []
+
+
+def test_cli_lists_protocols_and_acc_norm(service, monkeypatch, capsys):
+    from jobs.__main__ import main
+
+    record(service, [True, False])
+    record(service, [True, True, True, False], "loglikelihood", accuracy_norm=0.5)
+    monkeypatch.setenv("WORKBENCH_DB_URL", service.url)
+    monkeypatch.setenv("WORKBENCH_HOME", str(service.home))
+    assert main(["evaluations", "--protocol", "loglikelihood"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "piqa (loglik)" in line and "75.00%  (3/4)  norm  50.00%  base tiny" in line
+    assert main(["evaluations"]) == 0
+    assert "piqa (generate)" in capsys.readouterr().out
+    assert main(["compare"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.endswith("| piqa (generate) | piqa (loglik) | piqa (loglik) acc_norm |")
+
+
+QUIZ = [{"instruction": "Which is a fruit?", "choices": ["apple", "hammer", "cloud"], "answer": 0},
+        {"instruction": "How many legs has a cat?", "choices": ["two", "four"], "answer": "four"},
+        {"instruction": "What colour is snow?", "choices": ["white", "green"], "answer": 0}]
+
+
+def test_an_evaluate_job_records_its_protocol(service, tiny_model_dir, tmp_path):
+    """The child's evaluate runner stores what ``core.evaluate`` returns: a loglikelihood result with its
+    acc_norm and each question's per-choice scores, beside a generate result of the same file."""
+    from jobs.run import run_job
+
+    quiz = tmp_path / "quiz.json"
+    quiz.write_text(json.dumps(QUIZ))
+    ids = [service.submit_evaluation([str(quiz)], model=str(tiny_model_dir),
+                                     settings={"protocol": protocol, "max_new_tokens": 2, "batch_size": 2})
+           for protocol in ("loglikelihood", "generate")]
+    for job_id in ids:
+        assert run_job(service, job_id) == 0, service.get(job_id)["traceback"]
+    loglik, = service.list_evaluations(protocol="loglikelihood")
+    generated, = service.list_evaluations(protocol="generate")
+    assert (loglik["run_job_id"], loglik["total"], generated["run_job_id"]) == (ids[0], 3, ids[1])
+    assert loglik["accuracy_norm"] is not None and generated["accuracy_norm"] is None
+    assert [len(s["scores"]) for s in service.eval_samples(loglik["id"])] == [3, 2, 2]
+    assert all(s["scores"] is None for s in service.eval_samples(generated["id"]))
+    assert [c["label"] for c in service.comparison()["columns"]] == [f"{quiz} (generate)", f"{quiz} (loglik)"]
