@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from core import progress
 from core.config import JobSpec
 from core.deployment import current
 
@@ -100,6 +101,23 @@ class Recorder:
         self.last_cancel_check = 0.0
         self.cancel = False
         self.lost = False  # the job left ``running`` under us (see ``cancel_requested``)
+        self.step_label, self.step_started = "", 0.0  # the long step ``progress`` last heard of
+
+    def progress(self, label: str, done: int, total: int | None, detail: str | None = None) -> None:
+        """The job's ``core.progress`` sink: a long step (conversion, export, merge...) as the job's phase,
+        step, total and ETA, written with the next flush (at once when the step starts or ends, which the
+        log says in a line each)."""
+        now = time.monotonic()
+        if label != self.step_label or done == 0:
+            self.step_label, self.step_started = label, now
+        eta = (now - self.step_started) / done * (total - done) if total and done else None
+        self.update(phase=label[:100], step=int(done), total_steps=int(total) if total else None, eta_s=eta)
+        edge = done == 0 or (total is not None and done >= total)
+        if edge:
+            print(f"== {label}: {done}/{total if total is not None else '?'}" + (f" ({detail})" if detail else ""),
+                  flush=True)
+        if edge or self.due():
+            self.flush()
 
     def add(self, **point: Any) -> None:
         self.points.append({"job_id": self.job_id, "wall_time": time.time(), **point})
@@ -237,7 +255,8 @@ def _lead(service: JobService, job_id: int, ranks: Ranks) -> int:
             raise ValueError(f"unknown job kind {job['kind']!r}")
         started = True
         ranks.agree(True)
-        status, values = runner(service, job, rec, stop, budget)
+        with progress.watching(rec.progress):
+            status, values = runner(service, job, rec, stop, budget)
         if rec.lost:
             status, values["error"] = "interrupted", LOST
         values.setdefault("error", None)
