@@ -295,3 +295,23 @@ def test_trains_on_chat_data_and_the_adapter_answers_in_its_template(tiny_model_
 
     history = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}]
     assert isinstance(answer(chat, "And times 4?", GenerationSettings(max_new_tokens=3), history=history), str)
+
+
+def test_train_tab_preview_shows_marked_conversations_and_the_chatml_note(service, tiny_model_dir, tmp_path,
+                                                                         monkeypatch, chatml_tok):
+    from app import train_form, train_tab
+
+    path = write(tmp_path / "chats.jsonl", [sharegpt_row(t) for t in CONVERSATIONS])
+    stored, status = train_tab.store_upload(service, str(path), "chats.jsonl")
+    assert stored and "3 rows read" in status
+    form = {**train_form.default_form(), "model.name": str(tiny_model_dir), "data.kind": "upload",
+            "data.upload": stored, "data.template": "chat"}
+    box, rows, stats = train_tab.preview(service, form)
+    assert not box.get("visible") and len(rows) == 3
+    assert rows[0][0].count(TRAIN_OPEN) == 3 and rows[0][1].startswith("3 assistant turns trained")
+    assert "every assistant turn" in stats and "ChatML" not in stats
+    box, rows, _ = train_tab.preview(service, {**form, "data.template": "alpaca"})
+    assert box.get("visible") and "data.template" in box["value"] and rows == []
+    monkeypatch.setattr(train_tab, "_tokenizer", lambda name, trust_remote_code: chatml_tok)
+    box, rows, stats = train_tab.preview(service, form)
+    assert "ChatML" in stats and rows[0][0].startswith("<|im_start|>user\n")
