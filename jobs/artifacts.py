@@ -1,6 +1,7 @@
 """Artifacts of a training job: the downloadable zips of its adapter, and the export jobs that build them.
 
-``ARTIFACT_LABELS`` names the forms (workbench adapter, PEFT layout, merged full model); ``export``
+``ARTIFACT_LABELS`` names the forms (workbench adapter, PEFT layout, merged full model, and for llama.cpp
+and Ollama the merged model as GGUF F16/Q8_0, an Ollama bundle, and a LoRA as a GGUF adapter); ``export``
 queues an export job, that job's child calls ``build_artifact``, and ``artifact`` finds a built zip
 that is still current. Part of the service API (``JobService`` inherits these methods).
 """
@@ -21,8 +22,15 @@ from .merges import ADAPTER_KINDS
 from .schema import ACTIVE, Job
 
 ARTIFACT_LABELS = {"adapter": "adapter (workbench format)", "peft": "LoRA in PEFT format",
-                   "merged": "merged full model"}
+                   "merged": "merged full model", "gguf-f16": "merged model as GGUF F16 (llama.cpp)",
+                   "gguf-q8_0": "merged model as GGUF Q8_0 (llama.cpp)",
+                   "ollama": "Ollama: GGUF Q8_0 + Modelfile", "gguf-lora": "LoRA as a GGUF adapter (llama.cpp)"}
 ARTIFACT_KINDS = tuple(ARTIFACT_LABELS)
+# The method export (``core.methods.Method.exports``) each artifact is built from; GGUF ones also need a
+# LLaMA-family base (``core.gguf_export.MODEL_TYPES``), and a GGUF LoRA a method whose update is a plain LoRA.
+NEEDS = {"peft": "peft", "merged": "merged", "gguf-f16": "merged", "gguf-q8_0": "merged", "ollama": "merged",
+         "gguf-lora": "peft"}
+GGUF_KINDS = ("gguf-f16", "gguf-q8_0", "ollama", "gguf-lora")
 
 
 class ArtifactsAPI(ServiceBase):
@@ -44,7 +52,10 @@ class ArtifactsAPI(ServiceBase):
 
         ``adapter``: the workbench adapter directory as trained (``core.load_adapter`` reads it);
         ``peft``: LoRA in the Hugging Face PEFT layout (``core.export_peft``);
-        ``merged``: a full model with the LoRA update folded into its weights (``core.export_merged``).
+        ``merged``: a full model with the LoRA update folded into its weights (``core.export_merged``);
+        ``gguf-f16``/``gguf-q8_0``: that merged model as one GGUF file (``core.gguf_export``);
+        ``ollama``: the Q8_0 GGUF with a ``Modelfile`` in the prompt format the job trained with
+        (``core.ollama``); ``gguf-lora``: the LoRA as a llama.cpp adapter for the base model's GGUF.
         """
         from core.config import JobSpec
 
@@ -56,13 +67,7 @@ class ArtifactsAPI(ServiceBase):
             self.check_files_here(job_id)  # run elsewhere, runs directory not shared: say so, not "no adapter"
             raise JobError(f"job {job['id']} has no adapter yet (status {job['status']})")
         if kind != "adapter":
-            from core import methods
-
-            method = methods.get(job["spec"]["adapter"]["method"])
-            if kind not in method.exports:
-                able = ", ".join(m.label for m in methods.all() if kind in m.exports)
-                raise JobError(f"a {method.label} adapter has no {ARTIFACT_LABELS[kind]} export (methods that "
-                               f"have: {able}); job {job['id']}: download the adapter instead")
+            _check_exportable(job, kind)
         with self.db.read() as s:
             pending = s.scalars(sa.select(Job).where(Job.kind == "export", Job.target_job_id == job["id"],
                                                      Job.status.in_(ACTIVE))).all()
@@ -97,17 +102,63 @@ class ArtifactsAPI(ServiceBase):
         from core.config import JobSpec
         from core.models import load_model
 
-        settings = JobSpec.from_dict(job["spec"]).model
+        spec = JobSpec.from_dict(job["spec"])
+        settings = spec.model
         settings.device = "cpu"
         loaded = load_model(settings)
         core.load_adapter(loaded.model, adapter, tokenizer=loaded.tokenizer)
-        exporter = core.export_peft if kind == "peft" else core.export_merged
         with tempfile.TemporaryDirectory(dir=exports) as tmp:
             folder = Path(tmp) / f"job{job_id}-{kind}"
-            exporter(loaded.model, folder)
+            if kind in GGUF_KINDS:
+                _write_gguf(kind, loaded, spec.data.template, folder)
+            else:
+                (core.export_peft if kind == "peft" else core.export_merged)(loaded.model, folder)
             if kind == "merged" and not any(folder.glob("tokenizer*")):
                 loaded.tokenizer.save_pretrained(folder)
             return _zip_dir(folder, target)
+
+
+def _check_exportable(job: dict[str, Any], kind: str) -> None:
+    """``JobError`` when ``job``'s adapter has no ``kind`` export: its method lacks the export the
+    artifact is built from, or (GGUF) its base is not LLaMA-family or its update not a plain LoRA."""
+    from core import methods
+    from core.gguf_export import MODEL_TYPES
+
+    method = methods.get(job["spec"]["adapter"]["method"])
+    lora_only = kind == "gguf-lora"
+    able = lambda m: NEEDS[kind] in m.exports and (not lora_only or m.merge_family == "lora")  # noqa: E731
+    if not able(method):
+        others = ", ".join(m.label for m in methods.all() if able(m))
+        raise JobError(f"a {method.label} adapter has no {ARTIFACT_LABELS[kind]} export (methods that "
+                       f"have: {others}); job {job['id']}: download the adapter instead")
+    if kind in GGUF_KINDS:
+        model_type = _adapter_meta(job).get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise JobError(f"job {job['id']}: GGUF export covers LLaMA-family models ({', '.join(MODEL_TYPES)}); "
+                           f"this adapter's base is {model_type!r}")
+
+
+def _adapter_meta(job: dict[str, Any]) -> dict[str, Any]:
+    from core.inject import read_adapter_config
+
+    return read_adapter_config(Path(job["out_dir"]) / "adapter")
+
+
+def _write_gguf(kind: str, loaded: Any, prompt_template: str, folder: Path) -> None:
+    """The files of GGUF artifact ``kind`` in ``folder``: ``model.gguf`` (+ ``Modelfile``) or ``adapter.gguf``."""
+    from core import gguf_export, ollama
+
+    folder.mkdir(parents=True)
+    if kind == "gguf-lora":
+        gguf_export.export_lora_gguf(loaded.model, folder / "adapter.gguf")
+        return
+    text = None
+    if kind == "ollama":  # before the merge: an unknown chat template fails in a second, not minutes
+        text = ollama.modelfile(ollama.ollama_format(loaded.tokenizer, prompt_template))
+    gguf_export.export_merged_gguf(loaded.model, loaded.tokenizer, folder / "model.gguf",
+                                   "f16" if kind == "gguf-f16" else "q8_0")
+    if text is not None:
+        (folder / "Modelfile").write_text(text)
 
 
 def _zip_dir(folder: Path, target: Path) -> Path:
