@@ -60,3 +60,5 @@ def data(tmp_path) -> Path:
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: takes tens of seconds (child processes, real training); CI runs it")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (two for multi-GPU tests); skipped without one")
+    config.addinivalue_line("markers", "llamacpp: runs an exported GGUF in llama-cpp-python; skipped where it is "
+                                       "not installed (pip install llama-cpp-python builds llama.cpp from source)")
