@@ -6,10 +6,10 @@ format), or, for chat-format data (a ``messages`` or ``conversations`` column), 
 examples carry ``labels`` with ``-100`` on the prompt tokens (unless ``train_on_inputs``), so only the
 response is learned.
 
-Public API: ``load_records``, ``split_records``, ``tokenize_records`` (-> ``TokenizedData`` of
-``Example``), ``length_stats``, ``preview_rows``, ``collate``, ``prompt_lengths``, ``shard``; errors are
-``DataError`` (a ``ConfigError`` on ``data.source``) whose message names the file and, for a bad row,
-its 1-based number.
+Public API: ``load_records``, ``check_template``, ``split_records``, ``tokenize_records`` (->
+``TokenizedData`` of ``Example``), ``length_stats``, ``preview_rows``, ``collate``, ``prompt_lengths``,
+``shard``; errors are ``DataError`` (a ``ConfigError`` on ``data.source``, or on ``data.template`` from
+``check_template``) whose message names the file and, for a bad row, its 1-based number.
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def tokenize_records(records: list[dict], tokenizer: Any, template: str = "alpac
     if "messages" in records[0]:
         from .chat_data import tokenize_conversations
 
-        _chat_template_set(template)
+        check_template(records, template)
         try:
             return tokenize_conversations(records, tokenizer, cutoff_len, train_on_inputs)
         except ValueError as err:  # the template refuses a conversation
@@ -375,8 +375,9 @@ def tokenize_records(records: list[dict], tokenizer: Any, template: str = "alpac
     return TokenizedData(examples=examples, num_truncated=truncated, num_dropped=dropped)
 
 
-def _chat_template_set(template: str) -> None:
-    if template != "chat":
+def check_template(records: list[dict], template: str) -> None:
+    """Conversations need template ``chat``: ``DataError`` on ``data.template`` otherwise."""
+    if records and "messages" in records[0] and template != "chat":
         raise DataError("the dataset holds conversations, which are rendered with a chat template: set "
                         "data.template to 'chat' (the model's own, or ChatML where it has none)",
                         field="data.template")
@@ -403,7 +404,7 @@ def preview_rows(records: list[dict], tokenizer: Any, template: str = "alpaca", 
     if records and "messages" in records[0]:
         from .chat_data import preview_conversations
 
-        _chat_template_set(template)
+        check_template(records, template)
         try:
             return preview_conversations(records[:n], tokenizer, cutoff_len, train_on_inputs)
         except ValueError as err:

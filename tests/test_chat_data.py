@@ -218,6 +218,10 @@ def test_the_alpaca_template_is_refused_for_conversations(tok):
     with pytest.raises(ConfigError, match="set data.template to 'chat'") as err:
         tokenize_records(expected_messages(), tok, template="alpaca")
     assert err.value.field == "data.template"
+    with pytest.raises(ConfigError, match="set data.template to 'chat'"):  # what a submit-time check calls
+        core.data.check_template(expected_messages(), "alpaca")
+    core.data.check_template(expected_messages(), "chat")
+    core.data.check_template([{"instruction": "a", "output": "b"}], "alpaca")
 
 
 def test_preview_marks_the_trained_spans_and_says_when_chatml_is_the_default(tok, chatml_tok):
