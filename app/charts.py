@@ -111,7 +111,9 @@ def loss_figure(series: Sequence[tuple[str, Iterable[dict[str, Any]]]], smoothin
 
 
 def accuracy_bars(rows: Sequence[dict[str, Any]]) -> go.Figure:
-    """Grouped bars: one group per benchmark, one bar per model. Rows hold model, benchmark, accuracy (0-1)."""
+    """Grouped bars: one group per benchmark under a protocol (the matrix's column label, ``piqa (loglik)``),
+    one bar per model. Rows hold model, benchmark (that label), accuracy (0-1) and optionally
+    accuracy_norm (0-1, lm-eval's acc_norm), which the bar's hover text shows."""
     rows = [r for r in rows if r.get("accuracy") is not None]
     if not rows:
         return empty_figure("No results yet: pick models and benchmarks, then run the evaluations")
@@ -119,14 +121,23 @@ def accuracy_bars(rows: Sequence[dict[str, Any]]) -> go.Figure:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig = go.Figure()
     for i, model in enumerate(models):
-        acc = {r["benchmark"]: r["accuracy"] for r in rows if r["model"] == model}
-        fig.add_trace(go.Bar(x=benchmarks, y=[100 * acc[b] if b in acc else None for b in benchmarks],
+        mine = {r["benchmark"]: r for r in rows if r["model"] == model}
+        hover = [_bar_hover(model, b, mine.get(b)) for b in benchmarks]
+        fig.add_trace(go.Bar(x=benchmarks, y=[100 * mine[b]["accuracy"] if b in mine else None for b in benchmarks],
                              name=model, marker_color=PALETTE[i % len(PALETTE)],
-                             text=[f"{100 * acc[b]:.1f}" if b in acc else "" for b in benchmarks],
-                             textposition="outside"))
+                             text=[f"{100 * mine[b]['accuracy']:.1f}" if b in mine else "" for b in benchmarks],
+                             textposition="outside", hovertext=hover, hoverinfo="text"))
     fig.update_layout(**LAYOUT, barmode="group", yaxis=dict(title="accuracy (%)", range=[0, 105]),
-                      xaxis=dict(title="benchmark"))
+                      xaxis=dict(title="benchmark (protocol)"))
     return fig
+
+
+def _bar_hover(model: str, column: str, row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    norm = row.get("accuracy_norm")
+    text = f"{model}<br>{column}: {100 * row['accuracy']:.1f}%"
+    return text if norm is None else f"{text}, acc_norm {100 * norm:.1f}%"
 
 
 def accuracy_scatter(points: Sequence[dict[str, Any]]) -> go.Figure:
@@ -144,7 +155,7 @@ def accuracy_scatter(points: Sequence[dict[str, Any]]) -> go.Figure:
             marker=dict(size=13, color=PALETTE[i % len(PALETTE)], line=dict(width=1, color="#1e293b")),
             hovertemplate="%{text}<br>%{x:,} trainable<br>%{y:.1f}%<extra></extra>"))
     fig.update_layout(**LAYOUT, xaxis=dict(title="trainable parameters (base model = 1)", type="log"),
-                      yaxis=dict(title="mean accuracy (%)", range=[0, 105]))
+                      yaxis=dict(title="mean accuracy over benchmarks and protocols (%)", range=[0, 105]))
     return fig
 
 

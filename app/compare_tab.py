@@ -47,11 +47,13 @@ def results_table(matrix: dict[str, Any]):
             cells.append(result_cell(res) if res else "")
             if res:
                 accs.append(res["accuracy"])
-                long_rows.append({"model": r["label"], "benchmark": label, "accuracy": res["accuracy"]})
+                long_rows.append({"model": r["label"], "benchmark": label, "accuracy": res["accuracy"],
+                                  "accuracy_norm": res.get("accuracy_norm")})
         mean = sum(accs) / len(accs) if accs else None
         trainable = r["trainable_params"] or 0
         rows.append([r["label"], r["method"], f"{trainable:,}", *cells, f"{100 * mean:.1f}" if mean is not None else ""])
         points.append({"model": r["label"], "method": r["method"], "trainable": trainable, "accuracy": mean})
+    long_rows.sort(key=lambda x: labels.index(x["benchmark"]))  # the chart's groups in the table's column order
     return headers, rows, long_rows, points
 
 

@@ -173,6 +173,10 @@ def test_compare_tab_shows_protocols_and_refuses_loglikelihood_without_choices(s
     assert headers == ["model", "method", "trainable params", "piqa (generate)", "piqa (loglik)", "mean"]
     assert rows[1][3:5] == ["25.0 (1/4)", "75.0 (3/4), norm 50.0"] and rows[0][3] == ""
     assert {t.name for t in bars.data} == {"base: other", "base: tiny"}
+    assert list(bars.data[0].x) == ["piqa (generate)", "piqa (loglik)"] and bars.data[0].name == "base: tiny"
+    assert list(bars.data[0].hovertext) == ["base: tiny<br>piqa (generate): 25.0%",
+                                            "base: tiny<br>piqa (loglik): 75.0%, acc_norm 50.0%"]
+    assert bars.layout.xaxis.title.text == "benchmark (protocol)"
     assert column["choices"] == ["piqa (generate)", "piqa (loglik)"] and column["value"] == "piqa (loglik)"
     assert dis["value"]["headers"] == ["question", "gold", "base: other", "base: tiny"]
     assert len(dis["value"]["data"]) == 4  # every question of the loglik results, none of the generate one
