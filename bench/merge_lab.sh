@@ -6,6 +6,7 @@
 # the whole built-in evaluation set and on its two single-kind parts.
 #
 #   WORKBENCH_HOME=/tmp/merge-lab bash bench/merge_lab.sh        # about an hour on 2 cores
+#   WORKBENCH_HOME=/tmp/merge-lab PARENTS="1 2" bash bench/merge_lab.sh   # again, from the trained parents
 set -euo pipefail
 : "${WORKBENCH_HOME:?set WORKBENCH_HOME to an empty folder for this run}"
 export WORKBENCH_HOME
@@ -40,10 +41,14 @@ random.Random(0).shuffle(mixed)
 print(f"{len(mixed)} mixed training rows; 40 kept for the search", file=sys.stderr)
 EOF
 
-A=$($J submit "$WORKBENCH_HOME/spec_addsub.json" --name lora-addsub)
-B=$($J submit "$WORKBENCH_HOME/spec_muldiv.json" --name lora-muldiv)
-BASE=$($J submit "$WORKBENCH_HOME/spec_addsub.json" --kind evaluate --name base-model)
-$J worker --until-idle
+if [ -n "${PARENTS:-}" ]; then  # PARENTS="1 2": the parents are trained and evaluated already
+  read -r A B <<< "$PARENTS"
+else
+  A=$($J submit "$WORKBENCH_HOME/spec_addsub.json" --name lora-addsub)
+  B=$($J submit "$WORKBENCH_HOME/spec_muldiv.json" --name lora-muldiv)
+  $J submit "$WORKBENCH_HOME/spec_addsub.json" --kind evaluate --name base-model
+  $J worker --until-idle
+fi
 
 $J merge "$A" "$B" --method linear --rank 32 --name "linear 0.5/0.5" --benchmarks "$EVAL"
 $J merge "$A" "$B" --method linear --weights 1,1 --rank 32 --name "linear 1/1" --benchmarks "$EVAL"

@@ -156,6 +156,20 @@ def _print_workers(workers: list[dict]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
 
 
+def benchmark_list(text: str) -> list[str]:
+    """Comma-separated benchmarks, where a built-in part keeps its own commas:
+    ``builtin:math?ops=add,sub,AddSub`` -> ``["builtin:math?ops=add,sub", "AddSub"]``."""
+    from core.sources import MATH_OPS
+
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if out and "?ops=" in out[-1] and part in MATH_OPS:
+            out[-1] += f",{part}"
+        elif part:
+            out.append(part)
+    return out
+
+
 def _merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The merge settings of ``python -m jobs merge`` (``--weights`` parsed; default: equal weights)."""
     from core.fields import ConfigError
@@ -396,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
         print(service.build_artifact(args.id, args.kind))
     elif cmd == "merge":
         job_id = service.submit_merge(args.ids, _merge_settings(args), name=args.name,
-                                      benchmarks=[b for b in args.benchmarks.split(",") if b.strip()],
+                                      benchmarks=benchmark_list(args.benchmarks),
                                       evaluate_parents=args.evaluate_parents)
         plan = service.get(job_id)["info"]["plan"]
         print(f"queued merge job {job_id}: rank {plan['rank']}, {plan['params']:,} parameters", file=sys.stderr)

@@ -328,9 +328,16 @@ def test_cli_merge_queues_a_job_and_reports_bad_input(two_jobs):
               str(a), str(b))
     job = service.get(int(out.stdout.strip()))
     assert job["kind"] == "merge" and job["info"]["parents"] == [a, b]
+    assert job["spec"]["eval"]["benchmarks"] == []
     assert job["info"]["merge"] == {"method": "ties", "weights": [0.7, 0.3], "rank": 4, "density": 0.5,
                                     "drop": 0.5, "seed": 0}
     service.cancel(job["id"])
+    # a built-in part keeps its commas in the comma-separated list
+    out = cli(service, "merge", "--benchmarks", "builtin:math?ops=add,sub,builtin:math,builtin:math?ops=mul,div",
+              str(a), str(b))
+    assert service.get(int(out.stdout.strip()))["spec"]["eval"]["benchmarks"] == \
+        ["builtin:math?ops=add,sub", "builtin:math", "builtin:math?ops=mul,div"]
+    service.cancel(int(out.stdout.strip()))
     bad = cli(service, "merge", "--weights", "0.5,x", str(a), str(b), check=False)
     assert bad.returncode == 2 and "weights: expected numbers" in bad.stderr
     bad = cli(service, "merge", "--method", "average", str(a), str(b), check=False)
