@@ -31,6 +31,7 @@ from .callbacks import CallbackList
 from .config import AdapterConfig, JobSpec
 from .fields import ConfigError
 from .paths import InputFileError, WorkbenchHomeError, cli_error, read_json, runs_dir, workbench_home
+from .progress import TerminalBars, watching
 from .trackers import TrackerRun, job_trackers, open_trackers
 
 USAGE, FAILURE = 2, 1
@@ -88,26 +89,27 @@ def check_out_dir(out: Path, shown: str, resume: str | None, force: bool) -> Non
 
 
 class ProgressBar:
-    """Training callbacks (the ``core.train.TrainCallbacks`` interface) that draw one progress line on
-    stderr. Not a subclass, so that this module, and argument errors, stay free of torch."""
+    """Training callbacks (the ``core.train.TrainCallbacks`` interface) that show training on stderr: a
+    tqdm bar when stderr is a terminal (``core.progress.TerminalBars``, which also draws the model's
+    conversion), else a line every 5% of the steps. Not a subclass, so that this module, and argument
+    errors, stay free of torch."""
 
-    drawn = False  # a progress line is on screen without its newline
+    def __init__(self) -> None:
+        self.bars = TerminalBars()
 
     def on_start(self, info):
-        print(f"training {info['trainable']:,} parameters ({info['percent']:.3f}% of the base) on "
-              f"{info['train_examples']} examples, {info['total_steps']} steps, {info['dtype']}", file=sys.stderr)
+        self.bars.write(f"training {info['trainable']:,} parameters ({info['percent']:.3f}% of the base) on "
+                        f"{info['train_examples']} examples, {info['total_steps']} steps, {info['dtype']}")
 
     def on_step(self, r):
-        width = 30
-        done = int(width * r.step / r.total_steps)
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {r.step}/{r.total_steps} loss {r.loss:.4f} "
-                         f"lr {r.lr:.2e} {r.tokens_per_s:,.0f} tok/s ETA {r.eta_s:,.0f}s ")
-        sys.stderr.flush()
-        self.drawn = True
+        detail = f"loss {r.loss:.4f} lr {r.lr:.2e} {r.tokens_per_s:,.0f} tok/s"
+        if self.bars.enabled:
+            self.bars("training", r.step, r.total_steps, detail)
+        elif r.step == r.total_steps or r.step % max(1, r.total_steps // 20) == 0:
+            self.bars.write(f"step {r.step}/{r.total_steps} {detail} ETA {r.eta_s:,.0f}s")
 
     def on_eval(self, r):
-        sys.stderr.write(f"\n  step {r.step}: validation loss {r.val_loss:.4f}\n")
-        self.drawn = False
+        self.bars.write(f"  step {r.step}: validation loss {r.val_loss:.4f}")
 
     def on_checkpoint(self, step, path):
         pass
@@ -116,10 +118,8 @@ class ProgressBar:
         return False
 
     def end_line(self) -> None:
-        """End a progress line left open, so what follows starts on a line of its own."""
-        if self.drawn:
-            sys.stderr.write("\n")
-            self.drawn = False
+        """End the bars left open, so what follows starts on a line of its own."""
+        self.bars.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = ProgressBar()
     try:
-        return run(args, bar)
+        with watching(bar.bars):  # the embedded model's conversion, when a command needs it, is drawn too
+            return run(args, bar)
     except KeyboardInterrupt:
         bar.end_line()
         return cli_error("interrupted", FAILURE)

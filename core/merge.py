@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import methods
+from . import methods, progress
 from .config import AdapterConfig
 from .fields import ConfigError, show
 from .inject import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
@@ -312,7 +312,7 @@ def read_parents(directories: Sequence[str | Path], names: Sequence[str] | None 
 
 def write_merge(parents: Sequence[Parent], settings: MergeSettings, out_dir: str | Path) -> MergeResult:
     """Merge read parents (``merge_blocks``) and write the result and its report to ``out_dir``."""
-    blocks, result = merge_blocks(parents, settings, out_dir)
+    blocks, result = merge_blocks(parents, settings, out_dir, progress_label=f"merging ({settings.method})")
     _write(Path(out_dir), parents, result.rank, blocks, {
         "method": settings.method, "settings": settings.to_dict(), "parents": [p.name for p in parents],
         "rank": result.rank, "energy": result.energy})
@@ -320,10 +320,12 @@ def write_merge(parents: Sequence[Parent], settings: MergeSettings, out_dir: str
     return result
 
 
-def merge_blocks(parents: Sequence[Parent], settings: MergeSettings,
-                 out_dir: str | Path = "") -> tuple[dict[tuple[str, int], Block], MergeResult]:
+def merge_blocks(parents: Sequence[Parent], settings: MergeSettings, out_dir: str | Path = "",
+                 progress_label: str | None = None) -> tuple[dict[tuple[str, int], Block], MergeResult]:
     """The merged blocks of compatible ``parents``, in memory, and what they make (``out_dir``: where the
-    result will be written, for its record). ``ConfigError`` for invalid settings."""
+    result will be written, for its record). ``ConfigError`` for invalid settings. With
+    ``progress_label``, each block merged is a ``core.progress`` report (not for the many in-memory
+    merges of a weight search, whose points are its progress)."""
     settings.validate(len(parents))
     magnitudes = any(b.magnitude is not None for b in parents[0].blocks.values())
     if magnitudes and sum(settings.weights) <= 0:
@@ -333,7 +335,8 @@ def merge_blocks(parents: Sequence[Parent], settings: MergeSettings,
         raise ConfigError("rank", f"cat would make rank {rank}, over the limit of {MAX_RANK}; use another method")
     blocks: dict[tuple[str, int], Block] = {}
     kept: dict[str, list[float]] = {}
-    for key in sorted(parents[0].blocks):
+    keys = sorted(parents[0].blocks)
+    for key in progress.track(keys, progress_label) if progress_label else keys:
         parts = [p.blocks[key] for p in parents]
         if settings.method == "cat":
             A = torch.cat([b.A for b in parts])

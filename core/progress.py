@@ -92,6 +92,15 @@ class TerminalBars:
             bar.close()
             del self.bars[label]
 
+    def write(self, line: str) -> None:
+        """Print ``line`` on the stream above the bars (tqdm's way, so a bar is not cut in two)."""
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
