@@ -16,6 +16,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from core import progress
+
 from .access import ServiceBase
 from .errors import JobError
 from .merges import ADAPTER_KINDS
@@ -105,8 +107,11 @@ class ArtifactsAPI(ServiceBase):
         spec = JobSpec.from_dict(job["spec"])
         settings = spec.model
         settings.device = "cpu"
+        label = f"exporting {kind}"  # three stages; a conversion and the zip report their own steps between
+        progress.report(label, 0, 3, "loading the model and the adapter")
         loaded = load_model(settings)
         core.load_adapter(loaded.model, adapter, tokenizer=loaded.tokenizer)
+        progress.report(label, 1, 3, f"writing the {ARTIFACT_LABELS[kind]}")
         with tempfile.TemporaryDirectory(dir=exports) as tmp:
             folder = Path(tmp) / f"job{job_id}-{kind}"
             if kind in GGUF_KINDS:
@@ -115,7 +120,10 @@ class ArtifactsAPI(ServiceBase):
                 (core.export_peft if kind == "peft" else core.export_merged)(loaded.model, folder)
             if kind == "merged" and not any(folder.glob("tokenizer*")):
                 loaded.tokenizer.save_pretrained(folder)
-            return _zip_dir(folder, target)
+            progress.report(label, 2, 3, "zipping")
+            path = _zip_dir(folder, target)
+        progress.report(label, 3, 3)
+        return path
 
 
 def _check_exportable(job: dict[str, Any], kind: str) -> None:
@@ -164,8 +172,7 @@ def _write_gguf(kind: str, loaded: Any, prompt_template: str, folder: Path) -> N
 def _zip_dir(folder: Path, target: Path) -> Path:
     tmp = target.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, Path(folder.name) / path.relative_to(folder))
+        for path in progress.track([p for p in sorted(folder.rglob("*")) if p.is_file()], f"zipping {target.name}"):
+            zf.write(path, Path(folder.name) / path.relative_to(folder))
     os.replace(tmp, target)
     return target
