@@ -407,7 +407,11 @@ def run(args: argparse.Namespace) -> int:
         service.delete(args.id, files=not args.keep_files)
         print(f"job {args.id} deleted")
     elif cmd == "export":
-        print(service.build_artifact(args.id, args.kind))
+        from core.progress import TerminalBars
+
+        with TerminalBars():  # bars on a terminal's stderr: loading (converting), writing, zipping
+            path = service.build_artifact(args.id, args.kind)
+        print(path)
     elif cmd == "merge":
         job_id = service.submit_merge(args.ids, _merge_settings(args), name=args.name,
                                       benchmarks=benchmark_list(args.benchmarks),
