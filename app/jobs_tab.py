@@ -58,14 +58,18 @@ def method_text(job: dict[str, Any]) -> str:
 
 
 def progress_text(job: dict[str, Any]) -> str:
+    """The table's progress cell: the fraction done of the current step, named while it is not training
+    (converting the model, evaluating a benchmark, exporting, merging: ``core.progress`` reports)."""
     p = job.get("progress") or {}
-    step, total = p.get("step") or 0, p.get("total")
-    if job.get("kind") == "evaluate":
-        return p.get("phase") or ("done" if job["status"] == "succeeded" else "")
+    step, total, phase = p.get("step") or 0, p.get("total"), p.get("phase")
+    running = job.get("status") == "running"
+    if not running and job.get("kind") in ("evaluate", "export", "merge"):
+        return phase or ("done" if job["status"] == "succeeded" else "")
     if total:
-        return f"{step}/{total} ({100 * step / total:.0f}%)"
-    if job.get("status") == "running":
-        return p.get("phase") or "starting"
+        fraction = f"{step}/{total} ({100 * step / total:.0f}%)"
+        return f"{phase}: {fraction}" if running and phase and phase != "training" else fraction
+    if running:
+        return phase or "starting"
     return ""
 
 
