@@ -397,7 +397,9 @@ def exports_sentence() -> str:
     peft = [m.label for m in registry.all() if "peft" in m.exports]
     merged = [m.label for m in registry.all() if "merged" in m.exports]
     return (f"The PEFT layout exists for {', '.join(peft) or 'no method'}; the merged model for "
-            f"{', '.join(merged) or 'no method'}; other methods export in this workbench's own format only.")
+            f"{', '.join(merged) or 'no method'}; other methods export in this workbench's own format only. "
+            "GGUF files (llama.cpp) and the Ollama bundle (Q8_0 GGUF + Modelfile in the prompt format the job "
+            "trained with) are for LLaMA-family bases; the GGUF LoRA adapter for plain LoRA.")
 
 
 # --------------------------------------------------------------------------------------------------
