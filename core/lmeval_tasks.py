@@ -22,6 +22,7 @@ Public API: ``FunctionRef``, ``LOCAL_BUILDERS``, ``read_task_yaml``, ``check_tas
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -153,14 +154,20 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200]
 
 
+@functools.lru_cache(maxsize=2)
+def _manager(defaults: bool) -> Any:
+    """lm-eval's task index, with its own tasks or without (building it reads ~15,000 YAML names: seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=defaults)
+
+
 def load_tasks(names: list[str], yaml_paths: list[Path]) -> tuple[Any, list[Any]]:
     """(lm-eval ``TaskManager``, the loaded tasks), each named task or YAML loaded on its own so an error
     names it; ``LmEvalError`` for an unknown name or data that cannot be read (offline said so)."""
-    from lm_eval.tasks import TaskManager
-
     from .hub import hub_reachable
 
-    manager = TaskManager(include_defaults=bool(names))  # indexing lm-eval's ~15,000 task names takes seconds
+    manager = _manager(bool(names))
     offline = not hub_reachable()
     loaded: list[Any] = []
     specs = [(n, n) for n in names] + [(str(p), f"custom task {Path(p).stem!r}") for p in yaml_paths]

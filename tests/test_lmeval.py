@@ -173,13 +173,26 @@ def test_named_tasks_are_open_to_public_visitors_within_the_example_cap(tmp_path
     public.close()
 
 
-def test_a_hub_task_offline_fails_saying_so(monkeypatch):
+def test_a_hub_task_offline_fails_saying_so(monkeypatch, tmp_path):
     from core import lmeval_tasks
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(lmeval_tasks.LmEvalError, match="offline"):
+    task = tmp_path / "hub_task.yaml"
+    task.write_text("task: hub_task\ndataset_path: nobody-here/no-such-dataset\noutput_type: multiple_choice\n"
+                    "test_split: test\ndoc_to_text: q\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n")
+    with pytest.raises(lmeval_tasks.LmEvalError, match="custom task 'hub_task'.*offline"):
+        lmeval_tasks.load_tasks([], [task])
+
+
+@pytest.mark.slow
+def test_named_tasks_offline_and_unknown_are_told_apart(monkeypatch):
+    """lm-eval's own tasks (indexing its ~15,000 task names takes a while on a busy machine)."""
+    from core import lmeval_tasks
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(lmeval_tasks.LmEvalError, match="arc_easy.*offline"):
         lmeval_tasks.load_tasks(["arc_easy"], [])
-    with pytest.raises(lmeval_tasks.LmEvalError, match="unknown lm-eval task"):
+    with pytest.raises(lmeval_tasks.LmEvalError, match="unknown lm-eval task 'no_such_task_anywhere'"):
         lmeval_tasks.load_tasks(["no_such_task_anywhere"], [])
 
 
