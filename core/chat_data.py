@@ -17,7 +17,8 @@ it (the prefix, ending in the generation prompt) and through it, and the text is
 segment at those boundaries, so an assistant span's tokens are exactly the ones generated after that
 prefix in chat (a tokeniser cannot merge across the boundary). A span runs to the end of its rendered
 turn, so the end-of-turn marker is learned too. Rows longer than ``cutoff_len`` lose whole trailing turns;
-a row whose first assistant turn does not fit is dropped and counted.
+a row whose first assistant turn does not fit is dropped and counted. Rendering stops at the cut-off, so
+the work per row is bounded by ``cutoff_len`` whatever the row holds (an upload is untrusted input).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _turn(at: str, turn: Any) -> dict[str, str]:
     role_key = "role" if "role" in turn else "from"
     text_key = "content" if "content" in turn else "value"
     role, text = turn.get(role_key), turn.get(text_key)
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         shown = repr(role)[:40] if role is not None else "no role ('role' or 'from')"
         raise DataError(f"{at} has the role {shown}; a role is one of system, user, assistant (messages) or "
                         "system, human, gpt (sharegpt)")
@@ -103,36 +104,47 @@ def _turn(at: str, turn: Any) -> dict[str, str]:
 
 
 def _check_order(at: str, messages: list[dict[str, str]], offset: int) -> None:
-    """An optional system turn first, then user and assistant alternating from the user; an assistant turn."""
+    """An optional system turn first, then user and assistant alternating from the user; an assistant turn.
+    ``offset``: the turns added before the row's own (its row-level system prompt), left out of turn numbers."""
     start = 1 if messages[0]["role"] == "system" else 0
     for i, m in enumerate(messages[start:], start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m["role"] != expected:
             raise DataError(f"{at}: the turns do not alternate (turn {i + 1 - offset} is {m['role']}; expected "
-                            f"{expected}): after an optional "
-                            "system turn, user and assistant turns take turns, starting with the user")
+                            f"{expected}): after an optional system turn, user and assistant turns take turns, "
+                            "starting with the user")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{at} has no assistant turn, so nothing to learn from")
 
 
-def _segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[str, bool]]:
-    """The rendered conversation cut at each assistant span: (text, trained) pieces, through the last
-    assistant turn (later turns carry no loss and are left out)."""
+def _parts(messages: list[dict[str, str]], tokenizer: Any, cutoff_len: int) -> list[tuple[list[int], bool, str]]:
+    """The rendered conversation as (token ids, trained, text) pieces, cut at each assistant span.
+
+    Each assistant turn's span starts where the conversation before it, rendered with the generation
+    prompt, ends, and ends where the conversation through it does; each render must extend the one
+    before (checked). Rendering stops after the first piece that passes ``cutoff_len`` (later turns
+    would be cut off anyway, so a huge conversation costs no more than its first ``cutoff_len``
+    tokens), and after the last assistant turn (later turns carry no loss).
+    """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    full = render_chat(messages[:last + 1], tokenizer)
-    pieces: list[tuple[str, bool]] = []
-    pos = 0
-    for i, m in enumerate(messages[:last + 1]):
-        if m["role"] != "assistant":
+    pieces: list[tuple[list[int], bool, str]] = []
+    done, size = "", 0  # the text rendered so far; its tokens
+    for i in range(1, last + 1):
+        if messages[i]["role"] != "assistant":
             continue
         start = render_chat(messages[:i], tokenizer, add_generation_prompt=True)
         end = render_chat(messages[:i + 1], tokenizer)
-        if not (full.startswith(start) and full.startswith(end) and pos <= len(start) <= len(end)):
+        if not (start.startswith(done) and end.startswith(start)):
             raise ValueError("the model's chat template renders earlier turns differently once later ones "
                              "follow, so the assistant spans cannot be found; use another model or template")
-        pieces += [(full[pos:len(start)], False), (full[len(start):len(end)], True)]
-        pos = len(end)
-    return [(text, trained) for text, trained in pieces if text]
+        for text, trained in ((start[len(done):], False), (end[len(start):], True)):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            pieces.append((list(ids), trained, text))
+            size += len(ids)
+            if size > cutoff_len:
+                return pieces
+        done = end
+    return pieces
 
 
 def tokenize_conversations(records: list[dict], tokenizer: Any, cutoff_len: int = 256,
@@ -140,15 +152,10 @@ def tokenize_conversations(records: list[dict], tokenizer: Any, cutoff_len: int 
     """Conversations rendered and tokenised; labels -100 outside the assistant spans (unless
     ``train_on_inputs``). A row longer than ``cutoff_len`` keeps the turns through its last assistant
     turn that fits (counted in ``num_truncated``); one whose first assistant turn does not fit is
-    dropped (counted in both). Segments of all rows are tokenised in one batch call. ``ValueError``
-    when the chat template cannot render a row."""
-    rows = [_segments(r["messages"], tokenizer) for r in records]
-    texts = [text for pieces in rows for text, _ in pieces]
-    ids_flat = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    dropped (counted in both). ``ValueError`` when the chat template cannot render a row."""
     examples, truncated, dropped = [], 0, 0
-    for pieces in rows:
-        example, cut, _ = _example([(list(next(ids_flat)), trained) for _, trained in pieces], cutoff_len,
-                                   train_on_inputs)
+    for rec in records:
+        example, cut, _ = _example(_parts(rec["messages"], tokenizer, cutoff_len), cutoff_len, train_on_inputs)
         truncated += cut
         if example is None:
             dropped += 1
@@ -157,13 +164,13 @@ def tokenize_conversations(records: list[dict], tokenizer: Any, cutoff_len: int 
     return TokenizedData(examples=examples, num_truncated=truncated, num_dropped=dropped)
 
 
-def _example(parts: list[tuple[list[int], bool]], cutoff_len: int,
+def _example(parts: list[tuple[list[int], bool, str]], cutoff_len: int,
              train_on_inputs: bool) -> tuple[Example | None, bool, int]:
     """(the example, or None when no assistant turn fits; whether it was cut; assistant turns kept)."""
     ids: list[int] = []
     labels: list[int] = []
     kept, turns, n_prompt = 0, 0, None  # tokens and assistant turns through the last span that fits
-    for part, trained in parts:
+    for part, trained, _ in parts:
         if trained and n_prompt is None:
             n_prompt = len(ids)
         ids += part
@@ -182,12 +189,12 @@ def preview_conversations(records: list[dict], tokenizer: Any, cutoff_len: int =
     tokenised example, so a cut at ``cutoff_len`` shows); ``response`` says how much is trained."""
     out = []
     for rec in records:
-        pieces = _segments(rec["messages"], tokenizer)
-        parts = [(tokenizer(text, add_special_tokens=False)["input_ids"], trained) for text, trained in pieces]
-        ex, cut, kept = _example(parts, cutoff_len or 10**9, train_on_inputs)
-        turns = sum(1 for _, trained in pieces if trained)
+        limit = cutoff_len or 10**9
+        parts = _parts(rec["messages"], tokenizer, limit)
+        ex, cut, kept = _example(parts, limit, train_on_inputs)
+        turns = sum(1 for m in rec["messages"] if m["role"] == "assistant")
         if ex is None:
-            out.append({"prompt": "".join(text for text, _ in pieces),
+            out.append({"prompt": "".join(text for _, _, text in parts) + "…",
                         "response": f"dropped: its first assistant turn does not fit in {cutoff_len} tokens"})
             continue
         text, run, trained = [], [], False
