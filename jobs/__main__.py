@@ -12,6 +12,8 @@
                          [--seed S] [--benchmarks B,B] [--name NAME]         # prints the merge job's id
     python -m jobs weight-search ID ID... --benchmark B [merge's options] [--budget N] [--low L] [--high H]
                          [--search-seed S] [--limit N]                       # prints the search job's id
+    python -m jobs lmeval [--job ID | --model M] [--tasks T,T] [--task-yaml FILE] [--limit N]
+                         [--num-fewshot K] [--batch-size B] [--name NAME]   # lm-eval tasks; prints the job id
     python -m jobs evaluations [--job ID] [--json]
     python -m jobs worker [--devices auto|cpu|cuda|cuda:0,1] [--tag NAME] [--concurrency N]
                           [--lease S] [--heartbeat S] [--poll S] [--until-idle]
@@ -267,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=at_least(0), default=20, help="score on the first N examples (0 = all; default 20)")
     p.add_argument("--sample-seed", type=int, default=-1, help="a seeded sample of --limit examples (-1 = the first)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="generation budget per answer")
+    p = sub.add_parser("lmeval", help="queue lm-evaluation-harness tasks on a base model or an adapter job "
+                                      "(needs requirements-lmeval.txt); prints the job id")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--job", type=int, help="a training, merge or weight-search job whose adapter to evaluate")
+    which.add_argument("--model", help="a base model (default: the default base model)")
+    p.add_argument("--tasks", default="", help="lm-eval task names, comma-separated (e.g. arc_easy,hellaswag)")
+    p.add_argument("--task-yaml", help="a custom lm-eval task YAML ('-' = stdin); its data files are checked")
+    p.add_argument("--limit", type=at_least(0), default=0, help="the first N documents of each task (0 = all)")
+    p.add_argument("--num-fewshot", type=at_least(0), help="few-shot examples (default: the task's own)")
+    p.add_argument("--batch-size", type=at_least(1), help="requests scored together (default: the spec's eval batch)")
+    p.add_argument("--name")
     p = sub.add_parser("evaluations", help="benchmark results")
     p.add_argument("--job", type=int)
     p.add_argument("--protocol", choices=PROTOCOLS, help="only results scored by this protocol")
@@ -426,6 +439,15 @@ def run(args: argparse.Namespace) -> int:
             eval_settings={"limit": args.limit, "sample_seed": args.sample_seed,
                            "max_new_tokens": args.max_new_tokens})
         print(f"queued weight-search job {job_id}: {args.budget} points on {args.benchmark}", file=sys.stderr)
+        print(job_id)
+    elif cmd == "lmeval":
+        from core.paths import read_text
+
+        yaml_text = read_text(args.task_yaml, "task YAML") if args.task_yaml else None
+        job_id = service.submit_lmeval(args.tasks, task_yaml=yaml_text, job_id=args.job, model=args.model,
+                                       limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                                       name=args.name)
+        print(f"queued lmeval job {job_id}: {service.get(job_id)['name']}", file=sys.stderr)
         print(job_id)
     elif cmd == "evaluations":
         rows = service.list_evaluations(job_id=args.job, protocol=args.protocol)
