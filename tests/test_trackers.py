@@ -260,8 +260,7 @@ def test_wandb_offline_run_files_hold_the_run(reported):
             config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
         elif r.WhichOneof("record_type") == "config":
             config.update({i.key: json.loads(i.value_json) for i in r.config.update})
-    assert config["trainable_params"]["value"] == job["info"]["trainable"]
-    assert config["train"]["value"]["learning_rate"] == 0.01
+    assert config["trainable_params"] == job["info"]["trainable"] and config["train"]["learning_rate"] == 0.01
     history: dict[str, dict[int, float]] = {}
     for r in records:
         if r.WhichOneof("record_type") == "history":
@@ -308,21 +307,22 @@ def test_trackio_local_store_holds_the_run(reported):
 
 
 @pytest.mark.slow
-def test_the_cli_reports_to_tensorboard(tmp_path, tiny_model_dir):
+def test_the_cli_reports_to_tensorboard(tmp_path, tiny_model_dir, capsys):
     """``python -m core train`` composes the trackers too; stdout keeps only the adapter's folder."""
     installed("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from core.__main__ import main
 
     spec = tiny_spec(tiny_model_dir, write_data(tmp_path / "rows.json"), max_steps=2, save_every=0,
                      report_to=["tensorboard"])
     (tmp_path / "spec.json").write_text(spec.to_json())
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "core", "train", "--config", str(tmp_path / "spec.json"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == str(out / "adapter")
-    assert f"TensorBoard: view with: tensorboard --logdir {out / 'tensorboard'}" in done.stderr
+    code = main(["train", "--config", str(tmp_path / "spec.json"), "--out", str(out)])
+    said = capsys.readouterr()
+    assert code == 0, said.err[-2000:]
+    assert said.out.strip() == str(out / "adapter")
+    assert f"TensorBoard: view with: tensorboard --logdir {out / 'tensorboard'}" in said.err
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
