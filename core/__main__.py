@@ -35,8 +35,9 @@ from .progress import TerminalBars, watching
 from .trackers import TrackerRun, job_trackers, open_trackers
 
 USAGE, FAILURE = 2, 1
-# What ``core.train.Trainer`` writes into its output folder (named here: importing core.train loads torch).
-RUN_OUTPUTS = ("spec.json", "metrics.jsonl", "checkpoints", "adapter")
+# What ``core.train.Trainer`` writes into its output folder (named here: importing core.train loads torch),
+# and the trackers that keep their files there (``core.trackers``: TensorBoard's events, W&B's offline run).
+RUN_OUTPUTS = ("spec.json", "metrics.jsonl", "checkpoints", "adapter", "tensorboard", "wandb")
 
 
 def _spec_from_args(args: argparse.Namespace) -> JobSpec:
