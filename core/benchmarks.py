@@ -321,11 +321,13 @@ def _normalise(rows: list[tuple[str, Any]], name: str, from_hub: bool = False) -
         output = row.get("output") or ""
         example: dict[str, Any] = {"instruction": instruction,
                                    "input": ex_input if isinstance(ex_input, str) else str(ex_input),
-                                   "answer": str(answer).strip(), "output": output if isinstance(output, str) else str(output)}
-        if examples and (row.get("choices") is not None) != ("choices" in examples[0]):
-            raise BenchmarkError(f"{name}: {where} {'has' if row.get('choices') is not None else 'has no'} 'choices', unlike "
-                                 "row 1: give every row its choices, or none")
-        if row.get("choices") is not None:
+                                   "answer": str(answer).strip(),
+                                   "output": output if isinstance(output, str) else str(output)}
+        has_choices = row.get("choices") is not None
+        if examples and has_choices != ("choices" in examples[0]):
+            raise BenchmarkError(f"{name}: {where} {'has' if has_choices else 'has no'} 'choices', unlike row 1: "
+                                 "give every row its choices, or none")
+        if has_choices:
             example.update(_with_choices(instruction, row["choices"], answer, f"{name}: {where}"))
         examples.append(example)
     if not examples:

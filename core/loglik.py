@@ -86,10 +86,11 @@ def _encode(model: Any, tokenizer: Any, requests: list[tuple[str, str]], add_spe
         ctx, cont = encode_pair(tokenizer, pair[0], pair[1], add_special_tokens)
         if not cont:
             raise ValueError(f"request {i}: the continuation {pair[1]!r} has no tokens to score")
-        if limit is not None and len(ctx) + len(cont) - 1 > limit:  # lm-eval keeps the end: cut the context's start
+        if limit is not None and len(ctx) + len(cont) - 1 > limit:  # as lm-eval: keep the end, cut the start
             keep = limit - len(cont) + 1
             if keep < 1:
-                raise ValueError(f"request {i}: the continuation has {len(cont)} tokens; the model reads at most {limit}")
+                raise ValueError(f"request {i}: the continuation has {len(cont)} tokens; the model reads at most "
+                                 f"{limit}")
             ctx = ctx[-keep:]
         out.append(_Request(i, tuple(ctx), cont))
     return out
