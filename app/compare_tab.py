@@ -21,6 +21,7 @@ from jobs.compare import parse_model_key
 from .charts import accuracy_bars, accuracy_scatter
 from .chat_tab import model_options
 from .common import download_file, error_text, error_update, guarded, warn
+from .lmeval_panel import build_lmeval_panel
 from .train_tab import benchmark_choices
 
 POLL_SECONDS = 3.0
@@ -217,6 +218,7 @@ def build_compare_tab(service: Any) -> CompareTab:
                                info="loglikelihood: multiple-choice benchmarks only")
         run_button = gr.Button("Run evaluations", variant="primary", scale=1)
     message = gr.Markdown("", visible=False, elem_classes="error-box")
+    build_lmeval_panel(service)  # lm-evaluation-harness tasks as jobs: app/lmeval_panel.py
     table = gr.Dataframe(value={"headers": ["model", "method", "trainable params", "mean"], "data": []},
                          interactive=False, wrap=True, max_height=320,
                          label="accuracy (%), a column per benchmark and protocol (generate: the paper's; loglik: "
