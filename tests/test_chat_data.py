@@ -91,6 +91,8 @@ def test_a_hub_dataset_of_conversations_is_read_the_same_way(monkeypatch):
     ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}], r"row 2, turn 2 \(gpt\) is empty"),
     ([{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}], r"row 2, turn 1 \(user\) is empty"),
     ([{"role": "user", "content": "hi"}], r"row 2 has no assistant turn"),
+    ([{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "x"}],
+     r"row 2, turn 1 has the role \['user'\]"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
      r"row 2: the turns do not alternate \(turn 2 is user; expected assistant\)"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}],
@@ -212,6 +214,19 @@ def test_long_rows_are_cut_at_turn_boundaries(tok):
     assert dropped.examples == [] and dropped.num_truncated == dropped.num_dropped == 1
     trailing = [{"messages": records[0]["messages"] + [{"role": "user", "content": "Thanks!"}]}]
     assert tokenize_records(trailing, tok, template="chat", cutoff_len=1024).examples[0] == whole
+
+
+def test_a_huge_conversation_costs_no_more_than_its_cutoff(tok, monkeypatch):
+    """Rendering stops once the cut-off is passed: an upload of a million turns is not rendered whole."""
+    import core.chat_data
+
+    calls = []
+    real = core.chat_data.render_chat
+    monkeypatch.setattr(core.chat_data, "render_chat", lambda m, t, **kw: calls.append(len(m)) or real(m, t, **kw))
+    turns = [("user", "What is 2 plus 3?"), ("assistant", "The answer is 5.")] * 20_000
+    data = tokenize_records([{"messages": [{"role": r, "content": c} for r, c in turns]}], tok, "chat", cutoff_len=128)
+    assert data.num_truncated == 1 and len(data.examples[0].input_ids) <= 128 and len(_spans(data.examples[0])) == 3
+    assert len(calls) < 20 and max(calls) < 20
 
 
 def test_the_alpaca_template_is_refused_for_conversations(tok):
