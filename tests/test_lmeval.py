@@ -225,3 +225,18 @@ def test_the_entry_point_hands_lm_eval_its_arguments(tmp_path, tiny_model_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tiny_mc" in out.stdout and "acc_norm" in out.stdout
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def test_the_compare_tabs_panel_queues_jobs_and_says_what_is_wrong(tmp_path, tiny_model_dir):
+    from app.lmeval_panel import run_lmeval
+
+    _, task = write_task(tmp_path)
+    service = JobService(f"sqlite:///{tmp_path / 'jobs.db'}", home=tmp_path / "home")
+    assert "pick an adapter" in run_lmeval(service, None, "arc_easy", "", 0, None, 8)["value"]
+    assert "**tasks**" in run_lmeval(service, f"base:{tiny_model_dir}", " ", "", 0, None, 8)["value"]
+    assert "whole number" in run_lmeval(service, f"base:{tiny_model_dir}", "arc_easy", "", 0, 1.5, 8)["value"]
+    assert run_lmeval(service, f"base:{tiny_model_dir}", "arc_easy", task.read_text(), 5, 2, 4)["visible"] is False
+    [job] = service.list_jobs(kind="lmeval")
+    assert job["info"]["lmeval"]["tasks"] == ["arc_easy"] and job["info"]["lmeval"]["num_fewshot"] == 2
+    assert (job["spec"]["eval"]["limit"], job["spec"]["eval"]["batch_size"]) == (5, 4)
+    service.close()
