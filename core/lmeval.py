@@ -41,6 +41,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .decoding import batched_greedy, eos_ids, model_device
 from .loglik import iter_loglikelihood
+from .paths import cli_error
 
 MODEL_NAME = "workbench"  # the name lm-eval knows our class by (``--model workbench``)
 DEFAULT_MAX_LENGTH = 2048
@@ -299,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(a == "--model" or a.startswith("--model=") or a == "-M" for a in rest):
         parser.error("--model is ours (workbench); choose the model with --job, --adapter or --base")
     if ours.job is not None:
-        model_args = _job_model(ours.job)
+        try:
+            model_args = _job_model(ours.job)
+        except Exception as err:  # no such job, not an adapter job, no adapter yet, the database: one line
+            return cli_error(f"--job {ours.job}: {err}", 2)
     elif ours.adapter is not None:
         if not Path(ours.adapter).is_dir():
             parser.error(f"--adapter {ours.adapter}: no such folder (a run's adapter/ folder)")
