@@ -170,7 +170,8 @@ class WorkbenchLM(LM):
         """Each text's summed log-probability, every token predicted once, after BOS (else EOS), in
         windows of at most ``max_length`` tokens (lm-eval's rolling windows)."""
         if self.prefix_id is None:
-            raise ValueError("loglikelihood_rolling needs a BOS or EOS token to start each text; the tokenizer has neither")
+            raise ValueError("loglikelihood_rolling needs a BOS or EOS token to start each text; "
+                             "the tokenizer has neither")
         windows: list[tuple[int, list[int], list[int]]] = []  # (request, context, continuation)
         for i, r in enumerate(requests):
             tokens = list(self.tokenizer(r.args[0], add_special_tokens=False)["input_ids"])

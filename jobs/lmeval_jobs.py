@@ -182,9 +182,10 @@ def run_lmeval(service: Any, job: dict[str, Any], rec: Any, stop: Any, budget: A
             raise Cancelled()
 
     lm = WorkbenchLM(loaded.model, loaded.tokenizer, dtype=reduced, batch_size=spec.eval.batch_size, on_batch=on_batch)
-    print(f"== lm-eval {importlib.metadata.version('lm_eval')}: {', '.join(info['tasks'] + [str(p) for p in yaml_paths])}",
-          flush=True)
-    results = run_tasks(lm, info["tasks"], yaml_paths, limit=spec.eval.limit or None, num_fewshot=info.get("num_fewshot"))
+    shown = ", ".join(info["tasks"] + [str(p) for p in yaml_paths])
+    print(f"== lm-eval {importlib.metadata.version('lm_eval')}: {shown}", flush=True)
+    results = run_tasks(lm, info["tasks"], yaml_paths, limit=spec.eval.limit or None,
+                        num_fewshot=info.get("num_fewshot"))
     seconds = time.monotonic() - started
     rec.update(phase="storing lm-eval results")
     rec.flush()
