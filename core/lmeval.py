@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     saved = sys.argv
+    if not any(a in ("--batch_size", "-b") or a.startswith("--batch_size=") for a in rest):
+        rest = ["--batch_size", "8", *rest]  # lm-eval's default is 1 request at a time; ours batches
     sys.argv = ["lm-eval", "run", "--model", MODEL_NAME, "--model_args", json.dumps(model_args), *rest]
     try:
         cli_evaluate()
