@@ -215,6 +215,8 @@ class WorkbenchLM(LM):
             context, kwargs = r.args
             until, limit = self._generation_rule(dict(kwargs or {}), n)
             ids = list(self.tokenizer(context, add_special_tokens=self.add_bos_token)["input_ids"])
+            if not ids and self.prefix_id is not None:  # an empty context: start from BOS (else EOS), as lm-eval
+                ids = [self.prefix_id]
             keep = max(1, self.max_length - limit)
             prompts.append(ids[-keep:])  # lm-eval keeps the end of a long context
             rules.append((until, limit, max(_TAIL_TOKENS, max((len(u) for u in until), default=0))))
