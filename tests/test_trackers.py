@@ -328,3 +328,24 @@ def test_the_cli_reports_to_tensorboard(tmp_path, tiny_model_dir, capsys):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {e.step: e.value for e in events.Scalars("train/loss")} == \
         pytest.approx({x["step"]: x["loss"] for x in lines if x["type"] == "step"}, rel=1e-6)
+
+
+def test_the_jobs_tab_links_to_a_trackers_page_and_tells_public_visitors_no_server_paths():
+    from app.jobs_tab import status_markdown, tracker_markdown
+    from core.deployment import using
+
+    job = {"id": 7, "name": "x", "kind": "train", "status": "running", "spec": {}, "result": {"trackers": [
+        {"tracker": "wandb", "label": "W&B", "url": "https://wandb.ai/me/p/runs/abc", "where": None, "view": None,
+         "error": None},
+        {"tracker": "tensorboard", "label": "TensorBoard", "url": None, "where": "/srv/runs/7/tensorboard",
+         "view": "tensorboard --logdir /srv/runs/7/tensorboard", "error": None},
+        {"tracker": "mlflow", "label": "MLflow", "url": None, "where": None, "view": None,
+         "error": "OSError: /srv/mlflow.db is read-only"}]}}
+    assert tracker_markdown(job, public=False) == (
+        "**Trackers:** [W&B run ↗](https://wandb.ai/me/p/runs/abc) · TensorBoard: "
+        "`tensorboard --logdir /srv/runs/7/tensorboard` · MLflow failed: OSError: /srv/mlflow.db is read-only")
+    with using(Deployment.for_mode("public")):
+        shown = status_markdown(job)
+    assert "[W&B run ↗](https://wandb.ai/me/p/runs/abc)" in shown and "MLflow failed" in shown
+    assert "/srv" not in shown
+    assert tracker_markdown({"result": None}, public=False) == ""
