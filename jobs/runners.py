@@ -269,7 +269,7 @@ def run_weight_search(service: JobService, job: dict[str, Any], rec: Recorder, s
     loaded, reduced = _load_base(spec)
     loaded.model.eval()
     bench = core.load_benchmark(spec.eval.benchmarks[0])
-    rec.update(phase=f"scoring mixtures on {bench.name}")
+    rec.update(phase=f"scoring mixtures on {bench.name}", step=0, total_steps=search.budget)  # after a conversion's
     rec.flush()
     started = time.monotonic()
 
