@@ -102,6 +102,8 @@ def test_generate_until_is_greedy_decoding_cut_at_the_until_strings(tiny):
     cut = lm.generate_until(requests(*[(p, {"until": [s], "max_gen_toks": 12, "do_sample": False})
                                        for p, s in zip(prompts, stops)]))
     assert cut == [t.split(s)[0] for t, s in zip(texts, stops)]
+    [empty] = lm.generate_until(requests(("", {"until": [], "max_gen_toks": 3})))  # starts from BOS/EOS
+    assert isinstance(empty, str)
     with pytest.raises(ValueError, match="greedily only"):
         lm.generate_until(requests(("x", {"until": [], "do_sample": True, "temperature": 0.7})))
 
@@ -196,22 +198,47 @@ def test_named_tasks_offline_and_unknown_are_told_apart(monkeypatch):
         lmeval_tasks.load_tasks(["no_such_task_anywhere"], [])
 
 
+def finished_adapter_job(service: JobService, model_dir: Path, tmp_path: Path) -> int:
+    """A training job marked succeeded whose adapter (a LoRA with non-zero B, so it changes the model) is
+    written where training writes it: cheaper than training one."""
+    import core
+    from tests.test_jobs_support import tiny_spec, write_data
+
+    spec = tiny_spec(model_dir, write_data(tmp_path / "rows.json"))
+    job_id = service.submit(spec)
+    model = T.AutoModelForCausalLM.from_pretrained(model_dir)
+    core.attach(model, spec.adapter)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    core.save_adapter(model, Path(service.get(job_id)["out_dir"]) / "adapter",
+                      extra={"training": {"status": "completed", "spec": spec.to_dict()}})
+    service.finish(job_id, "succeeded", only_if=None)
+    return job_id
+
+
 @pytest.mark.slow
-def test_an_lmeval_job_runs_end_to_end(tmp_path, tiny_model_dir):
-    """A job child on the tiny model: the custom task stored as an lm-eval evaluation with its samples."""
+def test_an_lmeval_job_runs_end_to_end(tmp_path, tiny_model_dir, tiny):
+    """A job child on a tiny adapter job: the custom task stored as an lm-eval evaluation of that job with its
+    samples, scored with the adapter loaded (its scores are the adapted model's, not the base model's)."""
     data, task = write_task(tmp_path, rows=5)
     service = JobService(f"sqlite:///{tmp_path / 'jobs.db'}", home=tmp_path / "home")
-    job_id = service.submit_lmeval(task_yaml=task.read_text(), model=str(tiny_model_dir), limit=4, batch_size=4)
+    adapter_job = finished_adapter_job(service, tiny_model_dir, tmp_path)
+    job_id = service.submit_lmeval(task_yaml=task.read_text(), job_id=adapter_job, limit=4, batch_size=4)
     Worker(service, poll_s=0.1).run(until_idle=True)
     job = service.get(job_id)
     assert job["status"] == "succeeded", (job["error"], service.logs(job_id))
     [ev] = service.list_evaluations(protocol="lm-eval")
-    assert (ev["benchmark"], ev["total"], ev["run_job_id"], ev["job_id"]) == ("tiny_mc", 4, job_id, None)
+    assert (ev["benchmark"], ev["total"], ev["run_job_id"], ev["job_id"]) == ("tiny_mc", 4, job_id, adapter_job)
     assert ev["settings"]["metric"] == "acc" and "acc_norm" in ev["settings"]["metrics"]
     assert ev["accuracy"] == pytest.approx(ev["correct"] / 4) and ev["accuracy_norm"] is not None
     samples = service.eval_samples(ev["id"])
     assert [s["index"] for s in samples] == [0, 1, 2, 3] and all(len(s["scores"]) in (3, 4) for s in samples)
     assert job["result"]["evaluations"] == [ev["id"]]
+    base = task_results(run_tasks(WorkbenchLM(*tiny, batch_size=4), [], [task], limit=4, bootstrap_iters=0))[0]
+    assert all(s["scores"] != pytest.approx(b["scores"], abs=1e-3) for s, b in zip(samples, base.samples))
     service.close()
 
 
