@@ -148,8 +148,15 @@ def run_lmeval(service: Any, job: dict[str, Any], rec: Any, stop: Any, budget: A
 
     import core
     from core.config import JobSpec
-    from core.lmeval import WorkbenchLM
     from core.lmeval_tasks import run_tasks, task_results
+
+    try:
+        from core.lmeval import WorkbenchLM
+    except ModuleNotFoundError as err:
+        if err.name != "lm_eval":
+            raise
+        raise RuntimeError("lm-eval is not installed where this job ran: install requirements-lmeval.txt "
+                           "on the worker's machine") from None
 
     from .evaluations import LMEVAL_PROTOCOL
     from .run import Cancelled
