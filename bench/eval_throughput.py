@@ -5,7 +5,9 @@
 Reference = LLM-Adapters' evaluate.py: one example at a time, beam search with 4 beams, up to 256 new
 tokens, fp32. Ours = ``core.evaluate``: batched greedy generation with a KV cache, bf16
 where the CPU supports it, rows sorted by length and stopped at their answer. Same model, same
-problems, same answer extraction, in one run. Last line: ``eval_speedup_vs_reference: <x>``.
+problems, same answer extraction, in one run. Agreement: the share of problems where both sides
+extract the same answer (no answer on both sides counts as the same). Last line:
+``eval_speedup_vs_reference: <x>``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from core import EvalSettings, ModelSettings
-    from core.benchmarks import is_correct, load_benchmark
+    from core.benchmarks import answer_text, extract_answer, is_correct, load_benchmark
     from core.decoding import reference_generate
     from core.devices import resolve_device, resolve_dtype
     from core.evaluate import evaluate
@@ -45,11 +47,12 @@ def main() -> None:
 
     ref_model = load_model(ModelSettings(precision="fp32"))
     start = time.perf_counter()
-    correct = 0
-    for ex in examples:
+    correct = agree = 0
+    for ex, sample in zip(examples, ours.samples):
         prompt = render_prompt(ex["instruction"], ex.get("input", ""), "alpaca")
         response = reference_generate(ref_model.model, ref_model.tokenizer, prompt, num_beams=4, max_new_tokens=256)
         correct += is_correct(bench, response, ex["answer"])
+        agree += answer_text(extract_answer(bench, response)) == sample["extracted"]
     ref_seconds = time.perf_counter() - start
     print(f"reference: {ref_seconds:.1f}s for {len(examples)} problems ({ref_seconds / len(examples):.2f} s/problem), "
           f"accuracy {100 * correct / len(examples):.1f}%", flush=True)
@@ -60,6 +63,7 @@ def main() -> None:
           f"{100 * correct / len(examples):.1f} |")
     print(f"| ours (batched greedy, {dtype}) | {ours.seconds:.1f} | {ours.seconds / ours.total:.2f} | "
           f"{100 * ours.accuracy:.1f} |")
+    print(f"answers_agree_with_reference: {agree}/{len(examples)} ({100 * agree / len(examples):.1f}%)")
     print(f"eval_speedup_vs_reference: {ref_seconds / ours.seconds:.1f}")
 
 

@@ -6,11 +6,10 @@ padded; a row stops when ``stop(row, tokens)`` says so (``StopRule``: at EOS, at
 ..."; choice types, the first match, which the extraction rule can no longer change); finished rows
 leave the batch at once and, when the cache allows it, new prompts take their places.
 
-To shrink and refill a batch without copying the whole cache every step, this module reaches into
-transformers' cache internals (``DynamicCache.layers``, ``DynamicLayer.keys``/``values``): a
-``DynamicLayer`` subclass that appends into a buffer with spare columns, and trimming / merging of
-plain layers along the time axis. Caches it does not recognise (sliding window, quantised) fall back
-to ``batch_select_indices`` and no refill. ``hf_generate`` is the same contract through
+The cache is transformers' ``DynamicCache`` with its plain layers swapped for ``core.decode_cache``'s
+``SlotLayer`` (preallocated buffers written in place: finished rows are replaced by others, unused
+columns dropped by moving a view, new prompts joined right-aligned). Caches with other layers (sliding
+window, quantised) shrink with ``batch_select_indices`` and are not refilled. ``hf_generate`` is the same contract through
 ``model.generate`` (the plain Hugging Face path, ``evaluate(engine="generate")``, and for models our
 loop cannot drive); ``reference_generate`` is the LLM-Adapters protocol (one prompt at a time, beam
 search with 4 beams) for speed and agreement comparisons.
@@ -21,6 +20,7 @@ Public API: ``StopRule``, ``eos_ids``, ``model_device``, ``batched_greedy``, ``h
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import decode_cache, fast_attention
 from .benchmarks import CHOICE_PATTERNS
 
 # --------------------------------------------------------------------------------------------------
@@ -111,112 +112,6 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-_RESERVE = 64  # time columns a cache buffer grows by at once
-
-
-def _growing_layer_class() -> type | None:
-    """A ``DynamicLayer`` that appends into a buffer with spare columns instead of concatenating.
-
-    ``DynamicLayer.update`` copies the whole cache on every decoding step (``torch.cat``); this layer
-    copies only when its buffer is full or was replaced (after rows leave or join the batch). Its
-    ``keys``/``values`` are views of the buffer, so everything reading them works unchanged.
-    """
-    global _GROWING
-    if _GROWING is not None:
-        return _GROWING
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # pragma: no cover
-        return None
-
-    class GrowingLayer(DynamicLayer):
-        _kbuf: torch.Tensor | None = None
-        _vbuf: torch.Tensor | None = None
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
-                self.lazy_initialization(key_states, value_states)
-                self.keys = self.values = None
-                self._kbuf = self._vbuf = None
-                length = 0
-            else:
-                length = self.keys.shape[-2]
-            n = key_states.shape[-2]
-            kb, vb = self._kbuf, self._vbuf
-            if (kb is None or self.keys is None or self.keys.data_ptr() != kb.data_ptr()
-                    or self.values.data_ptr() != vb.data_ptr() or kb.shape[0] != key_states.shape[0]
-                    or kb.shape[-2] < length + n or kb.dtype != key_states.dtype):
-                cap = length + n + _RESERVE
-                kb = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
-                vb = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
-                if length:
-                    kb[:, :, :length] = self.keys
-                    vb[:, :, :length] = self.values
-                self._kbuf, self._vbuf = kb, vb
-            kb[:, :, length:length + n] = key_states
-            vb[:, :, length:length + n] = value_states
-            self.keys, self.values = kb[:, :, :length + n], vb[:, :, :length + n]
-            return self.keys, self.values
-
-    _GROWING = GrowingLayer
-    return GrowingLayer
-
-
-_GROWING: type | None = None
-
-
-def _use_growing_layers(cache: Any) -> Any:
-    """Swap a fresh cache's plain ``DynamicLayer``s for growing ones (same behaviour, fewer copies)."""
-    cls = _growing_layer_class()
-    if cls is None:
-        return cache
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if isinstance(layers, list):
-        for i, layer in enumerate(layers):
-            if type(layer) is DynamicLayer and not layer.is_initialized:
-                layers[i] = cls()
-    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
-        cache.layer_class_to_replicate = cls
-    return cache
-
-
-def _plain_layers(cache: Any) -> list[Any] | None:
-    """The cache's layers when every one is a plain, filled ``DynamicLayer`` of equal length; else None.
-
-    Only such caches can be trimmed and merged along the time axis (sliding-window and quantised layers
-    keep their own bookkeeping); others are still shrunk with ``batch_select_indices``.
-    """
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # pragma: no cover
-        return None
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        return None
-    length = None
-    for layer in layers:
-        if type(layer) not in (DynamicLayer, _GROWING) or not getattr(layer, "is_initialized", False):
-            return None
-        keys, values = layer.keys, layer.values
-        if keys is None or keys.dim() != 4 or values is None or values.dim() != 4:
-            return None
-        if length is None:
-            length = keys.shape[-2]
-        if keys.shape[-2] != length or values.shape[-2] != length:
-            return None
-    return list(layers)
-
-
-def _pad_time(t: torch.Tensor, extra: int, pad: int) -> torch.Tensor:
-    """Insert ``pad`` zero columns at time offset ``extra`` (after any virtual-token positions)."""
-    if pad <= 0:
-        return t
-    zeros = t.new_zeros(*t.shape[:2], pad, *t.shape[3:])
-    return torch.cat([t[:, :, :extra], zeros, t[:, :, extra:]], dim=2)
-
-
 @dataclass
 class _Group:
     """Rows decoding together: their cache, attention mask and per-row bookkeeping."""
@@ -227,21 +122,21 @@ class _Group:
     last: torch.Tensor  # the token each row feeds next
     rows: list[int]  # example numbers
     extra: int  # virtual-token columns the cache holds before the mask's columns (prefix / prompt tuning)
-    plain: bool  # the cache can be trimmed and merged along time
+    plain: bool  # the cache is made of ``SlotLayer``s: compacted, trimmed and joined in place
 
 
 class _Decoder:
     """Greedy decoding of many prompts with a shared, shrinking and refilled batch."""
 
     def __init__(self, model: Any, tokenizer: Any, pad_id: int, device: torch.device, batch_size: int,
-                 refill_fraction: float = 0.25, growing: bool = True):
+                 refill_fraction: float = 0.25, slots: bool = True):
         self.model, self.tokenizer, self.pad_id, self.device = model, tokenizer, pad_id, device
         self.batch_size = max(1, int(batch_size))
         self.refill_at = max(1, int(round(self.batch_size * refill_fraction)))
         self.pass_positions = _accepts(model, "position_ids")
         self.keep_logits = _accepts(model, "logits_to_keep")
         self.config = getattr(model, "config", None)
-        self.growing = growing
+        self.slots = slots
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -250,7 +145,7 @@ class _Decoder:
             cache = DynamicCache(config=self.config) if self.config is not None else DynamicCache()
         except Exception:  # pragma: no cover - exotic configs
             cache = DynamicCache()
-        return _use_growing_layers(cache) if self.growing else cache
+        return decode_cache.use_slot_layers(cache) if self.slots else cache
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any):
         kwargs: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -274,7 +169,7 @@ class _Decoder:
         nxt, cache = self._forward(ids, mask, positions, self._new_cache())
         extra = cache.get_seq_length() - width if hasattr(cache, "get_seq_length") else 0
         group = _Group(cache=cache, mask=mask, lengths=mask.sum(-1), last=nxt, rows=list(rows),
-                       extra=max(0, extra), plain=_plain_layers(cache) is not None and extra >= 0)
+                       extra=max(0, extra), plain=decode_cache.slot_layers(cache) is not None and extra >= 0)
         return group, nxt.tolist()
 
     def step(self, g: _Group) -> list[int]:
@@ -285,49 +180,65 @@ class _Decoder:
         return nxt.tolist()
 
     def keep(self, g: _Group, keep: list[int]) -> None:
-        """Keep only rows ``keep`` (positions in the group); drop time columns no row needs any more."""
-        idx = torch.tensor(keep, dtype=torch.long, device=g.mask.device)
-        g.mask, g.lengths, g.last = g.mask[idx], g.lengths[idx], g.last[idx]
-        g.rows = [g.rows[i] for i in keep]
-        layers = _plain_layers(g.cache) if g.plain else None
+        """Keep only rows ``keep`` (positions in the group); drop time columns no row needs any more.
+
+        A slot cache moves rows from the end into the finished rows' slots, so the group's rows are
+        reordered the same way; other caches keep ``keep``'s order.
+        """
+        layers = decode_cache.slot_layers(g.cache) if g.plain else None
         if layers is None:
+            idx = torch.tensor(keep, dtype=torch.long, device=g.mask.device)
             g.cache.batch_select_indices(idx)
-            return
-        used = g.mask.any(0).nonzero()
-        trim = int(used[0]) if used.numel() else 0
-        trim = min(trim, g.mask.shape[1] - 1)
-        e = g.extra
-        for layer in layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name).index_select(0, idx)
-                if trim > 0:
-                    t = t[:, :, e + trim:] if e == 0 else torch.cat([t[:, :, :e], t[:, :, e + trim:]], dim=2)
-                setattr(layer, name, t)
-        if trim > 0:
-            g.mask = g.mask[:, trim:]
+            order = keep
+        else:
+            order = decode_cache.compact(layers, keep)
+        idx = torch.tensor(order, dtype=torch.long, device=g.mask.device)
+        g.mask, g.lengths, g.last = g.mask[idx], g.lengths[idx], g.last[idx]
+        g.rows = [g.rows[i] for i in order]
+        if layers is not None:
+            used = g.mask.any(0).nonzero()
+            unused = min(int(used[0]) if used.numel() else 0, g.mask.shape[1] - 1)
+            g.mask = g.mask[:, decode_cache.trim(layers, unused, g.extra):]
 
     @staticmethod
     def can_merge(a: _Group, b: _Group) -> bool:
         if not (a.plain and b.plain and a.extra == b.extra):
             return False
-        la, lb = _plain_layers(a.cache), _plain_layers(b.cache)
+        la, lb = decode_cache.slot_layers(a.cache), decode_cache.slot_layers(b.cache)
         return la is not None and lb is not None and len(la) == len(lb)
 
     @staticmethod
     def merge(a: _Group, b: _Group) -> _Group:
-        """``a`` and ``b`` as one batch: the shorter left-padded (after the virtual positions) to the longer."""
+        """``b``'s rows join ``a``'s cache, right-aligned: the narrower left-padded in its mask."""
         ta, tb = a.mask.shape[1], b.mask.shape[1]
-        width, e = max(ta, tb), a.extra
-        for la, lb in zip(_plain_layers(a.cache), _plain_layers(b.cache)):
-            for name in ("keys", "values"):
-                ka, kb = getattr(la, name), getattr(lb, name)
-                setattr(la, name, torch.cat([_pad_time(ka, e, width - ta), _pad_time(kb.to(ka.dtype), e, width - tb)]))
+        grow = decode_cache.join(decode_cache.slot_layers(a.cache), decode_cache.slot_layers(b.cache),
+                                 a.extra, ta, tb)
+        width = ta + grow
         a.mask = torch.cat([torch.nn.functional.pad(a.mask, (width - ta, 0)),
                             torch.nn.functional.pad(b.mask, (width - tb, 0))])
         a.lengths = torch.cat([a.lengths, b.lengths])
         a.last = torch.cat([a.last, b.last])
         a.rows = a.rows + b.rows
         return a
+
+
+@contextlib.contextmanager
+def grouped_attention(model: Any) -> Any:
+    """Decode a LLaMA-family model on a CPU with ``core.fast_attention``'s attention, then put its own back.
+
+    With a padding mask, transformers' SDPA path copies every key/value head for the query heads that
+    share it (``repeat_kv``) in every layer at every step: for 64 rows over ~300 columns of SmolLM2
+    (3 key/value heads, 9 query heads), ~1.3 GB of copies per step. The grouped attention reads the
+    cache as it is. Other models and devices keep their attention.
+    """
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switched = (model_device(model).type == "cpu" and before in ("sdpa", "eager")
+                and fast_attention.patch(model))
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation(before)
 
 
 def batched_greedy(model: Any, tokenizer: Any, prompts: list[list[int]], batch_size: int,
@@ -341,6 +252,15 @@ def batched_greedy(model: Any, tokenizer: Any, prompts: list[list[int]], batch_s
     the batch at once; with ``refill``, pending prompts join when a quarter of the batch is free.
     Returns the results and whether ``should_stop`` cut the run short.
     """
+    with grouped_attention(model):
+        return _batched_greedy(model, tokenizer, prompts, batch_size, stop, pad_id, on_done, should_stop, refill,
+                               refill_fraction)
+
+
+def _batched_greedy(model: Any, tokenizer: Any, prompts: list[list[int]], batch_size: int,
+                    stop: Callable[[int, list[int]], str | None], pad_id: int,
+                    on_done: Callable[[int, list[int], str], None] | None, should_stop: Callable[[], bool] | None,
+                    refill: bool, refill_fraction: float) -> tuple[dict[int, tuple[list[int], str]], bool]:
     dec = _Decoder(model, tokenizer, pad_id, model_device(model), batch_size, refill_fraction)
     pending = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     pending.reverse()  # pop() from the end takes the longest first
