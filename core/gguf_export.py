@@ -11,7 +11,8 @@ Written with the ``gguf`` package's ``GGUFWriter`` following llama.cpp's convent
 - F16: every matrix in float16, norms in float32. Q8_0: matrices whose rows are a multiple of 32 in
   blocks of 32 int8 values and one float16 scale ``d = max|x| / 127`` per block (each value off by at
   most ``d / 2``, plus the scale's float16 rounding); others in float16, norms in float32;
-- the tokenizer as ``core.gguf_vocab`` writes it, the model's hyper-parameters as ``llama.*`` keys.
+- the tokenizer as ``core.gguf_vocab`` writes it (byte-level or SentencePiece-style BPE), the model's
+  hyper-parameters as ``llama.*`` keys.
 
 A LoRA adapter is written from its PEFT layout (``core.inject.export_peft``), as llama.cpp's own
 converter reads a PEFT directory: ``general.type = adapter``, ``adapter.type = lora``,
@@ -155,7 +156,8 @@ def _add_vocab(writer: Any, meta: dict[str, Any]) -> None:
                "merges": writer.add_token_merges, "add_bos_token": writer.add_add_bos_token,
                "add_eos_token": writer.add_add_eos_token, "bos_token_id": writer.add_bos_token_id,
                "eos_token_id": writer.add_eos_token_id, "unknown_token_id": writer.add_unk_token_id,
-               "padding_token_id": writer.add_pad_token_id}
+               "padding_token_id": writer.add_pad_token_id, "scores": writer.add_token_scores,
+               "add_space_prefix": writer.add_add_space_prefix}
     for key, value in meta.items():
         if key == "tokenizer.chat_template":
             writer.add_chat_template(value)

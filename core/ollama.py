@@ -40,8 +40,8 @@ _LLAMA3 = ("{{ range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>
            "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n")
 _LLAMA2 = ("[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST]"
            "{{ if .Response }} {{ .Response }}{{ end }}")
-# A literal system turn inside a ChatML Jinja template: the default system prompt.
-_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\\n([^'\"<\\{}]+)<\|im_end\|>")
+# A literal system turn inside a ChatML Jinja template (its newline escaped or not): the default system prompt.
+_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"<\\{}]+)<\|im_end\|>")
 
 
 def alpaca_format(eos: str | None) -> OllamaFormat:

@@ -84,6 +84,43 @@ def test_merged_f16_loads_back_with_the_merged_logits_and_tokenizer(tok, ids, tm
     assert back_tok.eos_token == tok.eos_token and back_tok.chat_template == tok.chat_template
 
 
+def spm_tokenizer():
+    """A SentencePiece-style (LLaMA-2) tokenizer: BPE with byte fallback and a "\u2581" prefix, trained in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>", *bytes_])
+    tok.train_from_iterator(["The answer is 42, how many apples does Tom have? He buys more and gives some"] * 4,
+                            trainer)
+    model = tok.to_str()
+    import json
+
+    model = json.loads(model)["model"]
+    return T.LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+
+
+def test_sentencepiece_vocabulary_round_trips(ids, tmp_path):
+    from gguf import GGUFReader
+
+    tok = spm_tokenizer()
+    model = with_lora(tiny_llama(tok))
+    path = export_merged_gguf(model, tok, tmp_path / "model.gguf", "f16")
+    fields = {k: f for k, f in GGUFReader(path).fields.items()}
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.add_space_prefix"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[tok.convert_tokens_to_ids("<0x0A>")] == 6 and types[tok.unk_token_id] == 2  # BYTE, UNKNOWN
+    scores = fields["tokenizer.ggml.scores"].contents()
+    first, second = (m.replace(" ", "") for m in fields["tokenizer.ggml.merges"].contents()[:2])
+    assert scores[tok.convert_tokens_to_ids(first)] > scores[tok.convert_tokens_to_ids(second)]  # merge order
+    back, back_tok = load_back(path)
+    for text in [*TEXTS, "caf\u00e9 \u2603"]:  # the last two characters only through byte fallback
+        assert back_tok(text)["input_ids"] == tok(text)["input_ids"], text
+    ids = ids[:, :8] % len(tok)
+    torch.testing.assert_close(logits(back, ids), logits(model, ids), atol=2e-3, rtol=1e-2)
+
+
 def test_q8_0_is_within_its_documented_error(tok, ids, tmp_path):
     """Q8_0: blocks of 32 values, scale ``d = max|x| / 127`` stored in float16, each value off by at most
     ``d / 2`` plus 127 times the scale's float16 rounding (``d * 2^-11``)."""
@@ -276,3 +313,101 @@ def test_modelfile_text_and_refusals(tok):
         ollama_format(tok, "chat")  # the tiny tokenizer's <|role|> template is no known family
     with pytest.raises(ConfigError, match="no chat template"):
         chat_format(None, "</s>")
+
+
+# --------------------------------------------------------------------------------------------------
+# Export jobs, the embedded model, llama.cpp.
+
+@pytest.mark.slow
+def test_gguf_artifacts_are_built_by_export_jobs(tmp_path, tiny_model_dir):
+    from jobs import Worker
+    from tests.test_jobs_support import make_service, tiny_spec, write_data
+
+    service = make_service(tmp_path)
+    try:
+        job_id = service.submit(tiny_spec(tiny_model_dir, write_data(tmp_path / "rows.json"), max_steps=1,
+                                          eval_every=0, save_every=0))
+        Worker(service, poll_s=0.1).run(until_idle=True)
+        assert service.get(job_id)["status"] == "succeeded", service.get(job_id)["error"]
+        kinds = ("ollama", "gguf-lora")
+        exports = {kind: service.export(job_id, kind) for kind in kinds}
+        assert all(service.artifact(job_id, kind) is None for kind in kinds)  # queued, not built here
+        Worker(service, poll_s=0.1).run(until_idle=True)
+        for kind, export_id in exports.items():
+            assert service.get(export_id)["status"] == "succeeded", service.get(export_id)["error"]
+        with zipfile.ZipFile(service.artifact(job_id, "ollama")) as zf:
+            names = {Path(n).name: n for n in zf.namelist()}
+            assert set(names) == {"model.gguf", "Modelfile"}
+            text = zf.read(names["Modelfile"]).decode()
+            assert "FROM ./model.gguf" in text and "### Instruction:" in text  # the job trained on alpaca
+            zf.extract(names["model.gguf"], tmp_path / "ollama")
+        with zipfile.ZipFile(service.artifact(job_id, "gguf-lora")) as zf:
+            assert [Path(n).name for n in zf.namelist()] == ["adapter.gguf"]
+        from gguf import GGMLQuantizationType, GGUFReader
+
+        types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "ollama" / names["model.gguf"]).tensors}
+        assert types["blk.0.ffn_up.weight"] == GGMLQuantizationType.Q8_0  # Ollama gets the Q8_0 file
+    finally:
+        service.close()
+
+
+def test_export_jobs_are_refused_up_front(tmp_path):
+    from jobs.artifacts import _check_exportable
+    from jobs.errors import JobError
+
+    def job(method: str, arch: str = "llama") -> dict:
+        core.save_adapter(core.attach(tiny_model(arch), AdapterConfig.for_method(method)), tmp_path / arch / "adapter")
+        return {"id": 7, "out_dir": str(tmp_path / arch), "spec": {"adapter": {"method": method}}}
+
+    with pytest.raises(JobError, match=r"DoRA adapter has no LoRA as a GGUF adapter.*methods that have: LoRA\)"):
+        _check_exportable(job("dora"), "gguf-lora")
+    with pytest.raises(JobError, match="Series adapter adapter has no merged model as GGUF F16"):
+        _check_exportable(job("series"), "gguf-f16")
+    with pytest.raises(JobError, match="job 7: GGUF export covers LLaMA-family.*'gpt2'"):
+        _check_exportable(job("lora", "gpt2"), "ollama")
+    _check_exportable(job("lora"), "gguf-lora")
+    _check_exportable(job("vera"), "gguf-q8_0")  # VeRA merges into the weights: its merged model is a GGUF
+
+
+@pytest.mark.slow
+def test_the_embedded_model_round_trips(tmp_path_factory):
+    from core import ModelSettings
+    from core.models import ModelLoadError, load_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKBENCH_HOME", str(tmp_path_factory.mktemp("home")))
+        try:
+            smol = load_model(ModelSettings(precision="fp32"))
+        except ModelLoadError as err:
+            pytest.skip(f"embedded model unavailable: {err}")
+    model, tok = with_lora(smol.model, targets=["q", "k", "v"]), smol.tokenizer
+    path = export_merged_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "smol.gguf", "f16")
+    back, back_tok = load_back(path)
+    text = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    for sample in [*TEXTS, text]:
+        assert back_tok(sample)["input_ids"] == tok(sample)["input_ids"], sample
+    ids = torch.tensor([tok(text)["input_ids"]])
+    expected = logits(model, ids)
+    assert (logits(back, ids) - expected).abs().max() <= 1e-2 * expected.abs().max()
+    fmt = ollama_format(tok, "chat")
+    assert fmt.family == "ChatML" and ollama_chat(fmt, CONVERSATION) == text
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_llama_cpp_runs_the_model_and_the_lora(tok, ids, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    base = tiny_llama(tok)
+    model = with_lora(tiny_llama(tok))
+    merged = export_merged_gguf(model, tok, tmp_path / "merged.gguf", "f16")
+    base_path = write_model_gguf(base, tok, tmp_path / "base.gguf", "f16")
+    adapter = export_lora_gguf(model, tmp_path / "adapter.gguf")
+    row = ids[0].tolist()
+    expected = logits(model, ids[:1])[0].numpy()
+    for kwargs in ({"model_path": str(merged)}, {"model_path": str(base_path), "lora_path": str(adapter)}):
+        llm = llama_cpp.Llama(n_ctx=64, logits_all=True, verbose=False, seed=0, **kwargs)
+        llm.eval(row)
+        got = np.asarray(llm.scores[:len(row)])
+        assert np.abs(got - expected).max() <= 1e-2 * np.abs(expected).max(), kwargs
+        for text in TEXTS[:2]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"], text
