@@ -217,8 +217,9 @@ def export_merged_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path,
 
     from .inject import export_merged
 
-    llama_shape(model.config)  # refuse another architecture before merging
-    with tempfile.TemporaryDirectory() as tmp:
+    vocab_metadata(tokenizer, llama_shape(model.config).vocab)  # refuse before the merge, not minutes after
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # beside the output: /tmp may be too small
         export_merged(model, tmp)
         merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     return write_model_gguf(merged, tokenizer, path, quant, name=getattr(model.config, "_name_or_path", None))
