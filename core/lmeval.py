@@ -103,7 +103,8 @@ class WorkbenchLM(LM):
     builds models from ``--model_args``, from ``adapter=DIR`` or ``base=NAME`` (with ``precision``,
     ``device``). ``dtype``: bf16/fp16 runs the model under autocast. ``add_bos_token``: as lm-eval's HF
     model (off by default). ``on_batch(done, total)`` is called after each batch of requests; it may
-    raise to stop the run (the job's cancel).
+    raise to stop the run (the job's cancel). ``max_batch_size`` is accepted because lm-eval's CLI
+    passes it to every model; it bounds ``batch_size='auto'``, which this class does not take.
     """
 
     def __init__(self, model: Any = None, tokenizer: Any = None, *, adapter: str | None = None,
