@@ -126,8 +126,8 @@ def test_the_exported_folder_starts_as_a_public_space_with_the_hub_model(tmp_pat
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_", "GRADIO_", "SPACE_", "OAUTH_"))}
     volume = tmp_path / "data"
     volume.mkdir()
-    env = {**keep, **variables, "SYSTEM": "spaces", "SPACE_ID": "owner/space", "OAUTH_CLIENT_ID": "client", "OAUTH_CLIENT_SECRET": "s",
-           "OAUTH_SCOPES": "openid profile", "OPENID_PROVIDER_URL": "https://huggingface.co",
+    env = {**keep, **variables, "SYSTEM": "spaces", "SPACE_ID": "owner/space", "OAUTH_CLIENT_ID": "client",
+           "OAUTH_CLIENT_SECRET": "s", "OAUTH_SCOPES": "openid profile", "OPENID_PROVIDER_URL": "https://huggingface.co",
            "WORKBENCH_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "",
            "HF_HOME": str(tmp_path / "hf")}
     out = subprocess.run([sys.executable, "-c", SPACE_START, str(volume)], cwd=dest, env=env, capture_output=True,
