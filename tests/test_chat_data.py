@@ -334,3 +334,26 @@ def test_train_tab_preview_shows_marked_conversations_and_the_chatml_note(servic
     monkeypatch.setattr(train_tab, "_tokenizer", lambda name, trust_remote_code: chatml_tok)
     box, rows, stats = train_tab.preview(service, form)
     assert "ChatML" in stats and rows[0][0].startswith("<|im_start|>user\n")
+
+
+def test_the_chat_tab_gives_each_column_its_own_conversation(service, monkeypatch):
+    import core.generate
+    from app import chat_tab
+
+    seen = []
+
+    def fake_stream(chat, question, settings, deployment=None, history=None):
+        seen.append((chat, question, history))
+        if chat == "base:b" and question == "first?":
+            raise RuntimeError("b broke")
+        yield f"{chat} heard {len(history)} turns"
+
+    monkeypatch.setattr(chat_tab, "load_chat_model", lambda service, value, template=None: value)
+    monkeypatch.setattr(core.generate, "stream_answer", fake_stream)
+    models = ["base:a", "base:b"]
+    first = list(chat_tab.respond(service, "first?", models, [], 8, 0.0, 1.0))[-1]
+    assert first[1][1]["content"].startswith(chat_tab.FAILED)
+    list(chat_tab.respond(service, "second?", models, first, 8, 0.0, 1.0))
+    assert seen[2] == ("base:a", "second?", [{"role": "user", "content": "first?"},
+                                             {"role": "assistant", "content": "base:a heard 0 turns"}])
+    assert seen[3] == ("base:b", "second?", [])  # b's failed answer is not part of its conversation
