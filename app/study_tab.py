@@ -62,7 +62,7 @@ def plan_markdown(p: dict[str, Any]) -> str:
     split = " · ".join(f"{registry.label(m)} {n}" for m, n in per_method.items())
     return (f"**{p['num_jobs']} jobs** ({split}; {len(study.seeds)} seed(s) each) · estimated training time "
             f"**{fmt_duration(p['estimated_s']) or '?'}** · then {len(study.base.eval.benchmarks)} benchmark(s) per "
-            f"job · base model `{study.base.model.name}`")
+            f"job ({study.base.eval.protocol}) · base model `{study.base.model.name}`")
 
 
 def launch(service: Any, inputs: dict[str, Any], train_form: dict[str, Any] | None = None) -> tuple[dict, str, Any]:

@@ -132,7 +132,8 @@ class ComparisonAPI:
         seen = {label: self.get_evaluation(ev_id) for label, ev_id in evaluation_ids.items()}
         kinds = {(e["benchmark"], e["protocol"]) for e in seen.values()}
         if len(kinds) > 1:
-            which = "; ".join(f"{label}: {result_label(e['benchmark'], e['protocol'])}" for label, e in seen.items())
+            which = "; ".join(f"{str(label)[:60]}: {result_label(e['benchmark'], e['protocol'])}"
+                              for label, e in seen.items())
             raise JobError(f"{what} pairs results of one benchmark under one protocol, and these differ ({which}); "
                            f"pick results of the same benchmark and protocol")
 
