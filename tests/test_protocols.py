@@ -94,7 +94,16 @@ def test_a_result_keeps_its_protocol_acc_norm_and_scores(service):
     assert len(service.list_evaluations()) == 1  # neither refused result was stored
 
 
-def test_two_protocols_of_one_model_and_benchmark_are_two_cells(service):
+@pytest.fixture
+def store(db_url, tmp_path):
+    """A service on SQLite and on PostgreSQL (``db_url``)."""
+    service = make_service(tmp_path, db_url)
+    yield service
+    service.close()
+
+
+def test_two_protocols_of_one_model_and_benchmark_are_two_cells(store):
+    service = store
     record(service, [True, False, False, False])                                  # piqa, generate: 25%
     record(service, [True, True, True, False], "loglikelihood", accuracy_norm=0.5)  # piqa, loglik: 75%
     record(service, [True, True], "lm-eval", accuracy_norm=1.0)                  # piqa, lm-eval: 100%
@@ -120,7 +129,8 @@ def test_two_protocols_of_one_model_and_benchmark_are_two_cells(service):
     assert md[2].endswith("| 50.0 |  |  |  |  |") and md[3].endswith("| 25.0 | 75.0 | 50.0 | 100.0 | 100.0 |")
 
 
-def test_disagreements_and_mcnemar_pair_only_like_with_like(service):
+def test_disagreements_and_mcnemar_pair_only_like_with_like(store):
+    service = store
     a_gen = record(service, [True, True, False, False])
     b_gen = record(service, [True, False, True, False], model="other")
     a_ll = record(service, [True, True, True, True], "loglikelihood")
