@@ -5,6 +5,7 @@ the zips; llama-cpp-python, where installed, runs the files."""
 
 from __future__ import annotations
 
+import json
 import re
 import zipfile
 from pathlib import Path
@@ -94,10 +95,7 @@ def spm_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>", *bytes_])
     tok.train_from_iterator(["The answer is 42, how many apples does Tom have? He buys more and gives some"] * 4,
                             trainer)
-    model = tok.to_str()
-    import json
-
-    model = json.loads(model)["model"]
+    model = json.loads(tok.to_str())["model"]
     return T.LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
 
 
@@ -195,8 +193,9 @@ def test_lora_gguf_adds_up_to_the_merged_weights(tok, tmp_path, settings):
         expected = base.state_dict()[key] + torch.from_numpy(B @ A) * (alpha / A.shape[0])
         torch.testing.assert_close(merged[key], expected, atol=1e-5, rtol=0)
         seen.add(role)
-    assert seen == {hf_role for hf_role in hf if hf[hf_role].split(".")[1].split("_")[0]
-                    in model.adapter_config.settings.targets}
+    gguf_role = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
+                 "down": "ffn_down"}
+    assert seen == {gguf_role[t] for t in model.adapter_config.settings.targets}
 
 
 def test_lora_gguf_refuses_dora(tok, tmp_path):
@@ -380,8 +379,8 @@ def test_the_embedded_model_round_trips(tmp_path_factory):
             smol = load_model(ModelSettings(precision="fp32"))
         except ModelLoadError as err:
             pytest.skip(f"embedded model unavailable: {err}")
-    model, tok = with_lora(smol.model, targets=["q", "k", "v"]), smol.tokenizer
-    path = export_merged_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "smol.gguf", "f16")
+    model, tok = smol.model, smol.tokenizer  # merging is checked on the tiny models; this is the real shape
+    path = write_model_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "smol.gguf", "f16")
     back, back_tok = load_back(path)
     text = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
     for sample in [*TEXTS, text]:
