@@ -98,8 +98,8 @@ def use_slot_layers(cache: Any) -> Any:
     return cache
 
 
-def slot_layers(cache: Any) -> list[SlotLayer] | None:
-    """The cache's layers when every one is a filled ``SlotLayer`` with the same live columns; else None.
+def slot_layers(cache: Any, filled: bool = True) -> list[SlotLayer] | None:
+    """The cache's layers when every one is a ``SlotLayer`` (``filled``: holding the same live columns); else None.
 
     Only such caches can be compacted, trimmed and joined here (sliding-window and quantised layers keep
     their own bookkeeping); the decoder shrinks others with ``batch_select_indices`` and never refills them.
@@ -109,7 +109,11 @@ def slot_layers(cache: Any) -> list[SlotLayer] | None:
         return None
     first = layers[0]
     for layer in layers:
-        if type(layer) is not SlotLayer or layer.kbuf is None:
+        if type(layer) is not SlotLayer:
+            return None
+        if not filled:
+            continue
+        if layer.kbuf is None:
             return None
         if (layer.rows, layer.end - layer.start) != (first.rows, first.end - first.start):
             return None

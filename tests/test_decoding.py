@@ -1,0 +1,129 @@
+"""The slot key/value cache and the chunked prefill of ``core.decoding``: same tokens as greedy ``generate``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import core
+from core import AdapterConfig, decode_cache, decoding
+from core.decoding import batched_greedy
+from core.templates import render_prompt
+from tests.test_evaluate import MATH, tiny_llama, tok  # noqa: F401  (tok: the module's tokenizer fixture)
+
+
+def filled(rows: int, heads: int, columns: int, seed: int) -> tuple[list[decode_cache.SlotLayer], list[torch.Tensor]]:
+    """Two slot layers holding random keys/values; the plain tensors they must show."""
+    torch.manual_seed(seed)
+    layers, plain = [], []
+    for _ in range(2):
+        layer = decode_cache.SlotLayer()
+        k, v = torch.randn(rows, heads, columns, 4), torch.randn(rows, heads, columns, 4)
+        layer.update(k, v)
+        layers.append(layer)
+        plain.append(torch.stack([k, v]))
+    return layers, plain
+
+
+def shown(layer: decode_cache.SlotLayer) -> torch.Tensor:
+    return torch.stack([layer.keys, layer.values])
+
+
+def test_slot_layer_appends_in_place_and_grows_past_its_room():
+    layer = decode_cache.SlotLayer()
+    k = torch.randn(3, 2, 5, 4)
+    layer.update(k, -k)
+    buffer = layer.kbuf
+    steps = [torch.randn(3, 2, 1, 4) for _ in range(decode_cache._ROOM + 3)]
+    layer.update(steps[0], -steps[0])
+    assert layer.kbuf is buffer  # written in place
+    for s in steps[1:]:
+        layer.update(s, -s)
+    assert layer.kbuf is not buffer and layer.get_seq_length() == 5 + len(steps)
+    assert torch.equal(layer.keys, torch.cat([k, *steps], dim=2)) and torch.equal(layer.values, -layer.keys)
+    with pytest.raises(ValueError, match="2 rows for a cache of 3"):
+        layer.update(k[:2], k[:2])
+
+
+def test_compact_moves_only_rows_from_the_end_into_finished_slots():
+    layers, plain = filled(6, 2, 7, seed=0)
+    keep = [0, 2, 4, 5]
+    order = decode_cache.compact(layers, keep)
+    assert sorted(order) == keep and order[0] == 0 and order[2] == 2  # rows already in place stay
+    for layer, want in zip(layers, plain):
+        assert torch.equal(shown(layer), want[:, order])
+
+
+def test_trim_drops_columns_without_a_copy_but_keeps_virtual_ones():
+    layers, plain = filled(2, 2, 9, seed=1)
+    buffer = layers[0].kbuf
+    assert decode_cache.trim(layers, 3, extra=0) == 3
+    assert layers[0].kbuf is buffer and torch.equal(shown(layers[0]), plain[0][:, :, :, 3:])
+    assert decode_cache.trim(layers, 2, extra=1) == 0 and layers[0].get_seq_length() == 6
+
+
+@pytest.mark.parametrize("extra", [0, 2])
+@pytest.mark.parametrize("wider", [False, True])
+def test_join_right_aligns_new_rows_after_virtual_columns(extra, wider):
+    """Old rows keep their columns; new rows: their virtual columns first, real ones ending at the end."""
+    old_width, new_width = (4, 6) if wider else (6, 4)
+    layers, plain = filled(3, 2, extra + old_width, seed=2)
+    decode_cache.trim(layers, 0, extra)
+    new, new_plain = filled(2, 2, extra + new_width, seed=3)
+    grow = decode_cache.join(layers, new, extra, old_width, new_width)
+    width = max(old_width, new_width)
+    assert grow == width - old_width
+    for layer, old, fresh in zip(layers, plain, new_plain):
+        got = shown(layer)
+        assert got.shape[1:3] == (5, 2) and got.shape[3] == extra + width
+        assert torch.equal(got[:, :3, :, :extra], old[:, :, :, :extra])
+        assert torch.equal(got[:, :3, :, extra + grow:], old[:, :, :, extra:])
+        assert torch.equal(got[:, 3:, :, :extra], fresh[:, :, :, :extra])
+        assert torch.equal(got[:, 3:, :, extra + width - new_width:], fresh[:, :, :, extra:])
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("method", [None, "prefix", "prompt", "lora"])
+@pytest.mark.parametrize("budget", [30, 100])
+def test_chunked_prefill_refill_and_joins_match_generate(tok, monkeypatch, method, budget):
+    """Prompts prefilled a few at a time, joined, trimmed and refilled: each row equals greedy ``generate``."""
+    monkeypatch.setattr(decoding, "_PREFILL_TOKENS", {"cpu": budget, None: budget})
+    model = tiny_llama(tok, seed=4)
+    if method is not None:
+        settings = {"prefix": dict(num_virtual_tokens=3, reparam_hidden=8), "prompt": dict(num_virtual_tokens=3,
+                    init="random"), "lora": dict(r=2)}[method]
+        model = copy.deepcopy(model)
+        core.attach(model, AdapterConfig.for_method(method, **settings), tokenizer=tok)
+        with torch.no_grad():
+            for p in core.adapter_params(model):
+                p.normal_(0, 0.5)
+        model.eval()
+    questions = [q for q, _ in MATH] + ["Why?", "What is the sum of all the numbers from one to ten, step by step?",
+                                        "Name three colours.", "Add 2 and 2, then double it, then add 7 to that."]
+    prompts = [tok(render_prompt(q))["input_ids"] for q in questions]
+    budget_tokens = [2 + (7 * i) % 13 for i in range(len(prompts))]
+    eos = tok.eos_token_id
+    sizes = []
+    prefill = decoding._Decoder.prefill
+
+    def counting(self, rows, all_prompts):
+        sizes.append(len(rows))
+        return prefill(self, rows, all_prompts)
+
+    monkeypatch.setattr(decoding._Decoder, "prefill", counting)
+
+    def stop(i, seq):
+        return "eos" if seq[-1] == eos else ("length" if len(seq) >= budget_tokens[i] else None)
+
+    with torch.inference_mode():
+        got, _ = batched_greedy(model, tok, prompts, 5, stop, tok.pad_token_id)
+        for i, p in enumerate(prompts):
+            out = model.generate(torch.tensor([p]), max_new_tokens=budget_tokens[i], do_sample=False,
+                                 pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+            if eos in out:
+                out = out[:out.index(eos) + 1]
+            assert got[i][0] == out, f"row {i}"
+    assert sum(sizes) == len(prompts)
+    assert max(sizes) <= max(1, budget // min(len(p) for p in prompts))  # chunks of about ``budget`` padded tokens
