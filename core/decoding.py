@@ -11,9 +11,9 @@ The cache is transformers' ``DynamicCache`` with its plain layers swapped for ``
 columns dropped by moving a view, new prompts joined right-aligned), so prompts are prefilled in
 chunks of similar length and joined into one batch. Caches with other layers (sliding window,
 quantised) shrink with ``batch_select_indices`` and are not refilled. ``hf_generate`` is the same
-contract through ``model.generate`` (the plain Hugging Face path, ``evaluate(engine="generate")``, and for models our
-loop cannot drive); ``reference_generate`` is the LLM-Adapters protocol (one prompt at a time, beam
-search with 4 beams) for speed and agreement comparisons.
+contract through ``model.generate`` (the plain Hugging Face path, ``evaluate(engine="generate")``, and
+for models our loop cannot drive); ``reference_generate`` is the LLM-Adapters protocol (one prompt at a
+time, beam search with 4 beams) for speed and agreement comparisons.
 
 Public API: ``StopRule``, ``eos_ids``, ``model_device``, ``batched_greedy``, ``hf_generate``,
 ``reference_generate``.
