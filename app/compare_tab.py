@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from core.config import PROTOCOLS
+from jobs.checks import loglikelihood_refusal
 from jobs.compare import parse_model_key
 
 from .charts import accuracy_bars, accuracy_scatter
@@ -89,21 +90,6 @@ def mcnemar_markdown(service: Any, matrix: dict[str, Any], column: str | None) -
             f"{verdict}.")
 
 
-def without_choices(benchmarks: list[str]) -> list[str]:
-    """The benchmarks named that have no options to score (number answers): ``loglikelihood`` cannot run
-    them. Registry names and ``builtin:`` sets are known by name; a data file is checked by its job."""
-    from core.benchmarks import benchmark_info
-    from core.choices import has_choices
-
-    out = []
-    for name in benchmarks:
-        info = benchmark_info(name)
-        answer_type = info.answer_type if info is not None else "number" if str(name).startswith("builtin:") else None
-        if answer_type is not None and not has_choices(answer_type):
-            out.append(name)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Handlers.
 
@@ -121,12 +107,9 @@ def run_evaluations(service: Any, models: list[str] | None, benchmarks: list[str
         settings = EvalSettings(benchmarks=list(benchmarks), limit=int(limit or 0),
                                 max_new_tokens=int(max_new_tokens or 256), protocol=protocol or "generate")
         settings.validate()
-        numeric = without_choices(settings.benchmarks) if settings.protocol == "loglikelihood" else []
-        if numeric:
-            raise ConfigError("eval.protocol", f"loglikelihood scores the options of multiple-choice questions, and "
-                                               f"{', '.join(numeric)} {'has' if len(numeric) == 1 else 'have'} none "
-                                               f"(number answers): evaluate {'it' if len(numeric) == 1 else 'them'} "
-                                               f"with generate")
+        refusal = loglikelihood_refusal(settings.benchmarks) if settings.protocol == "loglikelihood" else None
+        if refusal:  # said once, before any model's job is queued (the service says it again for each)
+            raise ConfigError("eval.protocol", refusal)
     except (ConfigError, TypeError, ValueError) as err:
         return error_update(error_text(err if isinstance(err, ConfigError) else ConfigError("eval", str(err))))
     queued, errors = [], []

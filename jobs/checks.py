@@ -101,6 +101,9 @@ class SpecChecksAPI(ServiceBase):
                     raise ConfigError("eval.benchmarks", err.message) from None
                 raise ConfigError("eval.benchmarks", f"unknown benchmark {str(name)[:80]!r}: name one of the "
                                                      "registry's benchmarks or a JSON/JSONL/CSV file") from None
+        refusal = loglikelihood_refusal(spec.eval.benchmarks) if spec.eval.protocol == "loglikelihood" else None
+        if refusal:
+            raise ConfigError("eval.protocol", refusal)
         cap = self.limits.eval_examples
         if cap and spec.eval.benchmarks and not self.actor.admin and not 0 < spec.eval.limit <= cap:
             raise ConfigError("eval.limit", f"this workbench evaluates at most {cap:,} examples per benchmark: "
@@ -127,16 +130,17 @@ class SpecChecksAPI(ServiceBase):
     def _check_data(self, spec: Any) -> None:
         """The data source is one this actor may read, and its first rows are valid training rows."""
         from core.fields import ConfigError
-        from core.data import load_records
+        from core.data import check_template, load_records
 
         spec.data.source = self.resolve_data(spec.data.source)
         if spec.data.source.startswith("builtin:") or Path(spec.data.source).suffix == "":
             return  # built-in (checked in the repository's tests) or a hub dataset (read by the job)
         try:
-            load_records(spec.data.source, spec.data.columns, limit=CHECK_ROWS, deployment=self.deployment,
-                         uploads_dir=self.uploads_dir)
+            records = load_records(spec.data.source, spec.data.columns, limit=CHECK_ROWS,
+                                   deployment=self.deployment, uploads_dir=self.uploads_dir)
         except ConfigError as err:
             raise ConfigError("data.source", err.message) from None
+        check_template(records, spec.data.template)  # conversations need template chat
 
     def resolve_model(self, name: Any, field: str = "model.name") -> str:
         """What a model name stands for under this deployment's rules: a catalogue name, a hub id, or a
@@ -164,6 +168,25 @@ class SpecChecksAPI(ServiceBase):
     def _resolve_file(self, name: Any, field: str) -> str:
         """A benchmark given as a data file or hub id (not a registry name)."""
         return self.resolve_data(name, field=field)
+
+
+def loglikelihood_refusal(benchmarks: list[str]) -> str | None:
+    """Why ``loglikelihood`` cannot score these benchmarks (some have number answers, no options), or None.
+    Registry names and ``builtin:`` sets are known by name; a data file's rows are checked by its job."""
+    from core.benchmarks import benchmark_info
+    from core.choices import has_choices
+
+    numeric = []
+    for name in benchmarks:
+        info = benchmark_info(name)
+        answer_type = info.answer_type if info is not None else "number" if str(name).startswith("builtin:") else None
+        if answer_type is not None and not has_choices(answer_type):
+            numeric.append(name)
+    if not numeric:
+        return None
+    one = len(numeric) == 1
+    return (f"loglikelihood scores the options of multiple-choice questions, and {', '.join(numeric)} "
+            f"{'has' if one else 'have'} none (number answers): evaluate {'it' if one else 'them'} with generate")
 
 
 def _as_text(value: Any, field: str) -> str:

@@ -239,6 +239,17 @@ def test_the_alpaca_template_is_refused_for_conversations(tok):
     core.data.check_template([{"instruction": "a", "output": "b"}], "alpaca")
 
 
+def test_a_job_of_conversations_with_the_alpaca_template_is_refused_at_submit(service, tiny_model_dir, tmp_path):
+    from tests.test_jobs_support import tiny_spec
+
+    spec = tiny_spec(tiny_model_dir, write(tmp_path / "chat.jsonl", expected_messages()))
+    with pytest.raises(ConfigError, match="set data.template to 'chat'") as err:
+        service.submit(spec)
+    assert err.value.field == "data.template" and service.list_jobs() == []
+    spec.data.template = "chat"
+    service.cancel(service.submit(spec))
+
+
 def test_preview_marks_the_trained_spans_and_says_when_chatml_is_the_default(tok, chatml_tok):
     rows = preview_rows(expected_messages(), tok, "chat", n=2)
     assert rows[0]["prompt"] == ("<|user|>What is 2 plus 3?\n<|assistant|>⟦The answer is 5.\n⟧<|user|>And times 4?\n"

@@ -200,6 +200,19 @@ def test_compare_tab_shows_protocols_and_refuses_loglikelihood_without_choices(s
     assert service.list_jobs(kind="evaluate") == []
 
 
+def test_the_service_refuses_loglikelihood_without_choices_at_submit(service, tiny_model_dir, tmp_path):
+    """Not only the Compare tab: an API or CLI caller is refused before anything is queued."""
+    from core.fields import ConfigError
+
+    spec = tiny_spec(tiny_model_dir, write_data(tmp_path / "d.json"))
+    spec.eval.benchmarks, spec.eval.protocol = ["piqa", "AddSub"], "loglikelihood"
+    with pytest.raises(ConfigError, match="AddSub has none") as err:
+        service.submit(spec, kind="evaluate")
+    assert err.value.field == "eval.protocol" and service.list_jobs() == []
+    spec.eval.benchmarks = ["piqa"]
+    service.cancel(service.submit(spec, kind="evaluate"))  # a benchmark with options is queued
+
+
 def test_cli_lists_protocols_and_acc_norm(service, monkeypatch, capsys):
     from jobs.__main__ import main
 
