@@ -46,8 +46,7 @@ class StudiesAPI(ServiceBase):
         from core.data import load_records
 
         records = load_records(spec.data.source, spec.data.columns, spec.data.limit)
-        chars = statistics.fmean(len(r["instruction"]) + len(r.get("input", "")) + len(r["output"]) + 200
-                                 for r in records)
+        chars = statistics.fmean(_row_chars(r) + 200 for r in records)  # + the template's own text
         return len(records), min(chars / 4, spec.data.cutoff_len)
 
     def measured_tokens_per_s(self) -> float:
@@ -155,3 +154,10 @@ class StudiesAPI(ServiceBase):
 
         analysis = analyse(self.study_results(study_id))
         return {"analysis": analysis, "markdown": tables_markdown(analysis)}
+
+
+def _row_chars(record: dict[str, Any]) -> int:
+    """Characters of a training row's text: its turns for a conversation, else instruction, input, output."""
+    if "messages" in record:
+        return sum(len(turn["content"]) for turn in record["messages"])
+    return len(record["instruction"]) + len(record.get("input", "")) + len(record["output"])

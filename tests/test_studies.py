@@ -116,3 +116,14 @@ def test_studies_migration_keeps_existing_jobs(tmp_path):
     assert [j["name"] for j in svc.list_jobs()] == ["old"]
     assert svc.list_studies() == []
     svc.close()
+
+
+def test_a_study_of_chat_data_is_planned_from_its_turns(service, tiny_model_dir, tmp_path):
+    """The plan's size estimate reads a conversation's turns (no instruction/output columns there)."""
+    spec = study_spec(tiny_model_dir, tmp_path)
+    turns = [{"role": "user", "content": "q" * 40}, {"role": "assistant", "content": "a" * 40}]
+    spec.base.data.source = str(tmp_path / "chat.json")
+    (tmp_path / "chat.json").write_text(json.dumps([{"messages": turns}] * 12))
+    spec.base.data.template = "chat"
+    plan = service.plan_study(spec)
+    assert plan["num_jobs"] == 4 and plan["estimated_s"] > 0
