@@ -21,7 +21,7 @@ from core.deployment import LOCAL_USER, Deployment
 from core.deployment import current as current_deployment
 from core.deployment import using
 
-from . import arena_tab, chat_tab, compare_tab, jobs_tab, merge_tab, study_tab, train_tab
+from . import arena_tab, chat_tab, compare_tab, job_text, jobs_tab, merge_tab, study_tab, train_tab
 from .auth import BUILD_ACTOR, Identify, ScopedService, acting_as, current_actor, identity_line, protect
 from .logins import Logins, load_logins
 from .visitors import LOGIN_FAILURES, LOGIN_WINDOW_S, LoginRateLimiter, middleware_for
@@ -45,14 +45,14 @@ def goto_job(service: Any, job_id: Any) -> tuple:
     """
     if job_id in (None, ""):
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    choices = jobs_tab.job_choices(service.list_jobs(), kind=None)
+    choices = job_text.job_choices(service.list_jobs(), kind=None)
     return (gr.Tabs(selected=JOBS), gr.update(choices=choices, value=int(job_id)), *timers_for(JOBS))
 
 
 def initial_job(service: Any, current: Any) -> dict:
     """On page load: keep the session's selection, else the newest running job, else the newest job."""
     jobs = service.list_jobs()
-    choices = jobs_tab.job_choices(jobs, kind=None)
+    choices = job_text.job_choices(jobs, kind=None)
     ids = {j["id"] for j in jobs}
     if current in ids:
         value = current

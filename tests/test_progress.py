@@ -116,7 +116,7 @@ def test_an_evaluate_job_records_increasing_progress(service, tiny_model_dir, mo
 
 @pytest.mark.slow  # trains a tiny adapter first
 def test_an_export_job_records_increasing_progress(service, tiny_model_dir, data, monkeypatch):
-    from app.jobs_tab import progress_text
+    from app.job_text import progress_text
     from jobs.run import run_job
 
     trained = service.submit(tiny_spec(tiny_model_dir, data, max_steps=2))
@@ -133,3 +133,12 @@ def test_an_export_job_records_increasing_progress(service, tiny_model_dir, data
     running = {**job, "status": "running", "progress": next(p for p in seen if p["phase"] == "exporting merged"
                                                             and p["step"] == 1)}
     assert progress_text(running) == "exporting merged: 1/3 (33%)"
+
+
+def test_a_finished_job_that_is_not_training_reads_done():
+    from app.job_text import progress_text
+
+    for kind in ("evaluate", "export", "merge", "lmeval"):
+        job = {"kind": kind, "status": "succeeded", "progress": {"step": 3, "total": 7, "phase": None}}
+        assert progress_text(job) == "done"
+    assert progress_text({"kind": "train", "status": "succeeded", "progress": {"step": 7, "total": 7}}) == "7/7 (100%)"

@@ -331,7 +331,7 @@ def test_the_cli_reports_to_tensorboard(tmp_path, tiny_model_dir, capsys):
 
 
 def test_the_jobs_tab_links_to_a_trackers_page_and_tells_public_visitors_no_server_paths():
-    from app.jobs_tab import status_markdown, tracker_markdown
+    from app.job_text import status_markdown, tracker_markdown
     from core.deployment import using
 
     job = {"id": 7, "name": "x", "kind": "train", "status": "running", "spec": {}, "result": {"trackers": [

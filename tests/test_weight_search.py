@@ -220,7 +220,7 @@ def test_cli_weight_search_queues_a_job(parent_jobs):
 
 
 def test_merge_and_jobs_tabs_launch_and_show_a_weight_search(parent_jobs):
-    from app import jobs_tab, merge_tab
+    from app import job_text, jobs_tab, merge_tab
     from core.weight_search import Trial, search_record
     from jobs.run import Recorder
 
@@ -246,8 +246,8 @@ def test_merge_and_jobs_tabs_launch_and_show_a_weight_search(parent_jobs):
     figure = merge_tab.search_chart(service, job_id)["value"]
     assert [list(trace.y) for trace in figure.data] == [[25.0, 75.0], [25.0, 75.0]]
     job = service.get(job_id)
-    assert jobs_tab.job_rows([job])[0][3] == "lora · linear"
-    text = jobs_tab.status_markdown(job)
+    assert job_text.job_rows([job])[0][3] == "lora · linear"
+    text = job_text.status_markdown(job)
     assert "best **#2** (1.200, -0.300): accuracy **75.0%**" in text and f"#{a}, #{b}" in text
     chart = jobs_tab.chart(service, {job_id: job}, [job_id], 0.0, False)
     assert [trace.name for trace in chart.data] == [f"#{job_id} {job['name']} · point",
