@@ -7,7 +7,7 @@
     python -m jobs resume ID                                                # last line: the new job id
     python -m jobs logs ID [--tail N] [--follow]
     python -m jobs delete ID [--keep-files]
-    python -m jobs export ID [--kind adapter|peft|merged]                   # prints the zip's path
+    python -m jobs export ID [--kind adapter|peft|merged|gguf-f16|gguf-q8_0|ollama|gguf-lora]  # the zip's path
     python -m jobs merge ID ID... [--method ties] [--weights 0.5,0.5] [--rank R] [--density D] [--drop P]
                          [--seed S] [--benchmarks B,B] [--name NAME]         # prints the merge job's id
     python -m jobs weight-search ID ID... --benchmark B [merge's options] [--budget N] [--low L] [--high H]
