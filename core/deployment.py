@@ -98,6 +98,13 @@ LOCAL_USER = Actor("local", admin=True)
 SYSTEM = Actor("system", admin=True)  # the worker, the job child and the server's own CLI
 
 
+# lm-eval's tasks a public visitor may name (WORKBENCH_LMEVAL_TASKS replaces the list): the commonsense
+# sets of the paper, each one hub dataset of a few MB. Any other name could start a group of dozens of
+# tasks or a download of gigabytes on the server's disk and time.
+PUBLIC_LMEVAL_TASKS = ("arc_easy", "arc_challenge", "boolq", "piqa", "hellaswag", "winogrande", "openbookqa",
+                       "social_iqa")
+
+
 @dataclass(frozen=True)
 class Deployment:
     """The mode and every rule that follows from it (see the module docstring)."""
@@ -108,6 +115,7 @@ class Deployment:
     allowed_models: tuple[str, ...] = ()      # beyond the catalogue (public mode)
     allowed_datasets: tuple[str, ...] = ()    # hub dataset ids (public mode)
     allow_remote_code: bool = False           # WORKBENCH_ALLOW_REMOTE_CODE=1 (never in public)
+    lmeval_tasks: tuple[str, ...] = PUBLIC_LMEVAL_TASKS  # named lm-eval tasks a public visitor may run
     on_space: bool = False                    # SPACE_ID is set
     oauth: bool = False                       # a Space with OAuth configured
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS["local"])
@@ -165,6 +173,8 @@ class Deployment:
                    allowed_models=tuple(_list(env.get("WORKBENCH_ALLOWED_MODELS", ""))),
                    allowed_datasets=tuple(_list(env.get("WORKBENCH_ALLOWED_DATASETS", ""))),
                    allow_remote_code=allow_remote, on_space=on_space,
+                   lmeval_tasks=tuple(_list(env["WORKBENCH_LMEVAL_TASKS"])) if "WORKBENCH_LMEVAL_TASKS" in env
+                   else PUBLIC_LMEVAL_TASKS,
                    oauth=on_space and bool(env.get("OAUTH_CLIENT_ID", "").strip()), limits=limits)
 
 

@@ -48,6 +48,11 @@ class LmEvalAPI(ServiceBase):
             custom = self._check_task_yaml(task_yaml)
         if not names and custom is None:
             raise ConfigError("tasks", "name at least one lm-eval task (e.g. arc_easy) or give a task YAML")
+        allowed = self.deployment.lmeval_tasks
+        if self.deployment.public and not self.actor.admin and any(n not in allowed for n in names):
+            other = next(n for n in names if n not in allowed)
+            raise ConfigError("tasks", f"this public workbench runs the lm-eval tasks {', '.join(allowed) or '(none)'}; "
+                                       f"not {other[:80]!r}")
         if job_id is not None:
             target = self.get(row_id(job_id))
             self._adapter_dir(target)  # an adapter job with its adapter here, or JobError saying why

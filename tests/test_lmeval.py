@@ -161,7 +161,7 @@ def test_custom_yaml_is_refused_in_public_mode_and_admin_only_in_team_mode(tmp_p
         svc.close()
 
 
-def test_named_tasks_are_open_to_public_visitors_within_the_example_cap(tmp_path):
+def test_public_visitors_run_the_servers_named_tasks_within_the_example_cap(tmp_path):
     public = JobService(f"sqlite:///{tmp_path / 'p.db'}", home=tmp_path / "p", deployment=Deployment.for_mode("public"))
     alice = public.scoped(Actor("anon:alice0000000000"))
     with pytest.raises(ConfigError) as err:
@@ -172,7 +172,13 @@ def test_named_tasks_are_open_to_public_visitors_within_the_example_cap(tmp_path
     assert err.value.field == "tasks[0]"
     job = alice.get(alice.submit_lmeval(["arc_easy"], limit=10))
     assert job["info"]["lmeval"]["tasks"] == ["arc_easy"] and job["info"]["lmeval"]["task_yaml"] is None
+    with pytest.raises(ConfigError, match="this public workbench runs the lm-eval tasks arc_easy, ") as err:
+        alice.submit_lmeval(["piqa", "mmlu"], limit=10)  # a group of 57 tasks: not on the server's list
+    assert err.value.field == "tasks"
     public.close()
+    assert Deployment.from_env({"WORKBENCH_MODE": "public", "WORKBENCH_LMEVAL_TASKS": "piqa, mmlu"}).lmeval_tasks \
+        == ("piqa", "mmlu")
+    assert "hellaswag" in Deployment.from_env({"WORKBENCH_MODE": "public"}).lmeval_tasks
 
 
 def test_a_hub_task_offline_fails_saying_so(monkeypatch, tmp_path):
