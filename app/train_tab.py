@@ -368,7 +368,9 @@ def build_train_tab(service: Any) -> TrainTab:
         add_fields(form, TrainSettings, "train", skip=[f for f in train_fields if f not in main_fields])
     with gr.Accordion("more training settings", open=False):
         with gr.Row():
-            add_fields(form, TrainSettings, "train", skip=main_fields)
+            # trackers are the server's choice on a public workbench (the service refuses a visitor's)
+            add_fields(form, TrainSettings, "train", skip=main_fields,
+                       overrides={"report_to": {"visible": not current_deployment().public}})
     with gr.Row():
         form.add("eval.benchmarks", gr.CheckboxGroup(choices=benchmark_choices(), value=[],
                                                      label="benchmarks to run when training ends", scale=3))

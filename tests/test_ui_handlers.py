@@ -59,6 +59,15 @@ def test_every_setting_has_a_widget(service):
     assert set(train_form.default_form()) <= paths  # and the default form fills only real widgets
 
 
+def test_trackers_are_not_offered_to_public_visitors(service):
+    from core.deployment import Deployment, using
+
+    for mode, shown in [("local", True), ("public", False)]:
+        with using(Deployment.for_mode(mode)), gr.Blocks():
+            tab = train_tab.build_train_tab(service)
+        assert tab.form["train.report_to"].visible is shown
+
+
 def test_spec_from_form_round_trips(form, tiny_model_dir):
     spec = train_tab.spec_from_form(form)
     assert spec.model.name == str(tiny_model_dir) and spec.train.max_steps == 2
