@@ -35,6 +35,9 @@ def compare_protocols(model: Any, tokenizer: Any, benchmark: str, n: int, batch_
 
     bench = load_benchmark(benchmark)
     runs = {}
+    for protocol in ("generate", "loglikelihood"):  # untimed warm-up: the first forward passes are slower
+        evaluate(model, tokenizer, bench, EvalSettings(limit=2, batch_size=2, max_new_tokens=16, protocol=protocol),
+                 dtype=dtype)
     for protocol in ("generate", "loglikelihood"):
         settings = EvalSettings(limit=n, batch_size=batch_size, max_new_tokens=256, protocol=protocol)
         runs[protocol] = evaluate(model, tokenizer, bench, settings, dtype=dtype)
