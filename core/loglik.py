@@ -12,7 +12,9 @@ continuation, and the continuations (right padded) run on it. The other way to c
 once, packing a question's context and all its choices into one sequence with a block attention
 mask, does the same per-token work but needs a custom 4D mask, which not every architecture takes
 (BLOOM's ALiBi and the virtual-token and LoReFT adapters read a 2D mask); the cache works wherever
-generation does. The plain reference, one full forward pass per request, stays beside it behind
+generation does. A token prefix every context of a batch starts with (the prompt template's
+preamble) runs once for the whole batch, where no adapter of the model's own reads the first pass as
+the prompt. The plain reference, one full forward pass per request, stays beside it behind
 ``shared=False`` (tests and the bench compare with it).
 
 Adapters that act on prompt positions (LoReFT) see the context as the prompt: the context pass runs in
@@ -35,7 +37,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .decoding import _accepts, model_device
-from .inject import prompt_lengths
+from .inject import VIRTUAL_SLOT, prompt_lengths
+
+MIN_SHARED_PREFIX = 8  # tokens every context of a batch starts with, worth a pass of their own
 
 
 @dataclass
@@ -123,6 +127,7 @@ class _Scorer:
         self.device = model_device(model)
         self.pass_positions = _accepts(model, "position_ids")
         self.keep_logits = _accepts(model, "logits_to_keep")
+        self.share_prefix = not hasattr(model, VIRTUAL_SLOT)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any = None,
                  last_only: bool = False) -> Any:
@@ -140,19 +145,46 @@ class _Scorer:
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return picked - logits.logsumexp(-1), logits.argmax(-1) == targets
 
+    def _contexts(self, contexts: list[tuple[int, ...]]) -> tuple[Any, torch.Tensor]:
+        """The contexts' forward pass: its output and the attention mask of the cache's columns.
+
+        Without adapters of their own on the model (virtual tokens, LoReFT: they read the first pass of
+        a sequence as its prompt), a token prefix every context starts with (the prompt template's
+        preamble) runs once and its cache rows are repeated; the rest of each context follows, left
+        padded after the prefix."""
+        dev = self.device
+        shared = 0
+        if self.share_prefix and len(contexts) > 1:
+            first, shortest = contexts[0], min(len(c) for c in contexts)
+            while shared < shortest - 1 and all(c[shared] == first[shared] for c in contexts):
+                shared += 1
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        width = max(len(c) for c in contexts) - shared
+        ids = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, c in enumerate(contexts):
+            ids[i, width - len(c) + shared:] = torch.tensor(c[shared:], dtype=torch.long)
+            mask[i, width - len(c) + shared:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache = None
+        if shared:
+            prefix = torch.tensor([contexts[0][:shared]], dtype=torch.long, device=dev)
+            cache = self._forward(prefix, torch.ones_like(prefix), torch.arange(shared, device=dev).unsqueeze(0),
+                                  last_only=True).past_key_values
+            cache.batch_select_indices(torch.zeros(len(contexts), dtype=torch.long, device=dev))
+            positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+            mask = torch.cat([mask.new_ones(len(contexts), shared), mask], dim=1)
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with prompt_lengths(self.model, mask.sum(-1)):
+            out = self._forward(ids, mask, positions, cache, last_only=True)
+        return out, mask
+
     def shared(self, groups: list[list[_Request]]) -> list[tuple[int, float, bool]]:
         dev = self.device
-        contexts = [g[0].context for g in groups]
-        width = max(len(c) for c in contexts)
-        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(groups), width), dtype=torch.long)
-        for i, c in enumerate(contexts):
-            ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
-            mask[i, width - len(c):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        out, mask = self._contexts([g[0].context for g in groups])
         lengths = mask.sum(-1)
-        with prompt_lengths(self.model, lengths):
-            out = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), last_only=True)
         rows = [(gi, r) for gi, g in enumerate(groups) for r in g]
         group_of = torch.tensor([gi for gi, _ in rows], device=dev)
         first = torch.tensor([r.continuation[0] for _, r in rows], device=dev)

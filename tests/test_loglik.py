@@ -41,6 +41,13 @@ REQUESTS = [
     ("", "The answer is 0"),
 ]
 
+# Contexts that all start with the prompt template's preamble (run once for the whole batch).
+TEMPLATED = [(render_prompt(q), c) for q, c in [("how many apples does Tom have?", "The answer is 4"),
+                                                ("how many apples does Tom have?", "He buys more"),
+                                                ("Tom buys 3 apples", "total 7"),
+                                                ("plus", "minus"),
+                                                ("The answer is", " 0 1 2")]]
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -96,10 +103,25 @@ def test_encode_pair_follows_lm_eval(tok):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bloom", "gpt_neox", "opt"])
 def test_scores_equal_a_direct_forward_fp32(tok, arch):
     model = tiny_lm(arch, tok)
-    want = direct(model, tok, REQUESTS)
-    for batch_size in (1, 3, 64):
-        assert_close(loglikelihood(model, tok, REQUESTS, batch_size), want, atol=1e-4)
-    assert_close(loglikelihood(model, tok, REQUESTS, 4, shared=False), want, atol=1e-4)
+    for requests in (REQUESTS, TEMPLATED):
+        want = direct(model, tok, requests)
+        for batch_size in (1, 3, 64):
+            assert_close(loglikelihood(model, tok, requests, batch_size), want, atol=1e-4)
+        assert_close(loglikelihood(model, tok, requests, 4, shared=False), want, atol=1e-4)
+
+
+def test_a_prefix_common_to_the_batch_runs_once(tok):
+    model = tiny_lm("llama", tok)
+    batches = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: batches.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+    got = loglikelihood(model, tok, TEMPLATED, 64)
+    hook.remove()
+    contexts = [encode_pair(tok, c, x)[0] for c, x in TEMPLATED]
+    common = next(i for i in range(len(contexts[0])) if len({tuple(c[:i + 1]) for c in contexts}) > 1)
+    assert common >= 20 and batches[0] == (1, common)  # the template's preamble, alone
+    assert batches[1][0] == 4  # then the four distinct contexts' rest, together
+    assert_close(got, direct(model, tok, TEMPLATED), atol=1e-4)
 
 
 def test_scores_equal_a_direct_forward_bf16(tok):
