@@ -39,7 +39,6 @@ class LmEvalAPI(ServiceBase):
         Raises ``ConfigError`` naming the field (``tasks``, ``task_yaml``, ``task_yaml.dataset_kwargs...``,
         ``limit``...), ``JobError`` for a job without an adapter, ``JobNotFound`` for one not visible.
         """
-        from core.config import JobSpec
         from core.fields import ConfigError
 
         names = _task_names(tasks)
@@ -54,15 +53,8 @@ class LmEvalAPI(ServiceBase):
             raise ConfigError("tasks", f"this public workbench runs the lm-eval tasks {', '.join(allowed) or '(none)'}; "
                                        f"not {other[:80]!r}")
         if job_id is not None:
-            target = self.get(row_id(job_id))
-            self._adapter_dir(target)  # an adapter job with its adapter here, or JobError saying why
-            spec = JobSpec.from_dict(target["spec"])
-            if model:
-                spec.model.name = model
-        else:
-            spec = JobSpec()
-            if model:
-                spec.model.name = model
+            self._adapter_dir(self.get(row_id(job_id)))  # an adapter job with its adapter here, or JobError why
+        spec = self.evaluation_spec(None if job_id is None else row_id(job_id), model)
         spec.eval.benchmarks = []
         spec.eval.limit = _whole(limit, "limit", 0)
         if batch_size is not None:

@@ -148,20 +148,24 @@ class JobService(MergesAPI, SpecChecksAPI, ArtifactsAPI, EvaluationsAPI, Uploads
         return self._insert(spec, kind, name=name, target_job_id=target_job_id, study_id=study_id,
                             gpu_memory=gpu_memory)
 
+    def evaluation_spec(self, job_id: int | None, model: str | None = None) -> Any:
+        """The spec an evaluation starts from: the training job's (its base model, adapter and template), or
+        the defaults for a bare base model; ``model`` replaces the base model's name when given."""
+        from core.config import JobSpec
+
+        spec = JobSpec.from_dict(self.get(job_id)["spec"]) if job_id is not None else JobSpec()
+        if model:
+            spec.model.name = model
+        return spec
+
     def submit_evaluation(self, benchmarks: Iterable[str], job_id: int | None = None, model: str | None = None,
                           settings: Any = None, name: str | None = None) -> int:
         """Queue an evaluation of a training job's adapter (``job_id``) or of a base model (``model``)."""
-        from core.config import EvalSettings, JobSpec
+        from core.config import EvalSettings
 
         if job_id is not None:
             job_id = row_id(job_id)
-            spec = JobSpec.from_dict(self.get(job_id)["spec"])
-            if model:
-                spec.model.name = model
-        else:
-            spec = JobSpec()
-            if model:
-                spec.model.name = model
+        spec = self.evaluation_spec(job_id, model)
         if settings is None:
             settings = spec.eval if job_id is not None else EvalSettings()
         elif isinstance(settings, dict):
