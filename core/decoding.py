@@ -34,7 +34,7 @@ from .benchmarks import CHOICE_PATTERNS
 # --------------------------------------------------------------------------------------------------
 # When a row is done.
 
-STOP_MARKERS = ("###", "Below is an instruction")
+STOP_MARKERS = ("###", "Below is an instruction", "<|im_end|>")  # the last: ChatML where it is not a special token
 _SENTENCE_END = r"(?:[.!?](?=\s)|\n)"
 # The answer is final: a completed sentence "The answer is ... <number>" / "... <letter A-E>".
 _FINAL = {

@@ -104,7 +104,7 @@ def evaluate(model: Any, tokenizer: Any, benchmark: Benchmark | str, settings: E
     eos = eos_ids(model, tokenizer)
     rule = StopRule(tokenizer, benchmark.answer_type, eos, int(settings.max_new_tokens))
     prompts_text = [render_prompt(ex["instruction"], ex.get("input", ""), template, tokenizer) for ex in examples]
-    prompts = [list(ids) for ids in tokenizer(prompts_text)["input_ids"]]
+    prompts = [list(ids) for ids in tokenizer(prompts_text, add_special_tokens=template != "chat")["input_ids"]]
 
     samples: dict[int, dict[str, Any]] = {}
     n_tokens = 0

@@ -127,3 +127,15 @@ def test_chunked_prefill_refill_and_joins_match_generate(tok, monkeypatch, metho
             assert got[i][0] == out, f"row {i}"
     assert sum(sizes) == len(prompts)
     assert max(sizes) <= max(1, budget // min(len(p) for p in prompts))  # chunks of about ``budget`` padded tokens
+
+
+def test_a_chatml_end_of_turn_in_plain_text_ends_the_row():
+    """A base model evaluated with the ChatML default has no <|im_end|> token: the text marker stops it."""
+    from core.decoding import StopRule
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = tok("The answer is 4<|im_end|>\n<|im_start|>user", add_special_tokens=False)["input_ids"]
+    rule = StopRule(tok, None, set(), 256)
+    assert rule(ids) == "marker"
+    assert rule.text(ids, "marker") == "The answer is 4"
