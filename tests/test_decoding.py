@@ -9,9 +9,8 @@ import torch
 
 import core
 from core import AdapterConfig, decode_cache, decoding
-from core.decoding import batched_greedy
 from core.templates import render_prompt
-from tests.test_evaluate import MATH, tiny_llama, tok  # noqa: F401  (tok: the module's tokenizer fixture)
+from tests.test_evaluate import MATH, assert_greedy_like_generate, tiny_llama, tok  # noqa: F401  (tok: the module's tokenizer fixture)
 
 
 def filled(rows: int, heads: int, columns: int, seed: int) -> tuple[list[decode_cache.SlotLayer], list[torch.Tensor]]:
@@ -104,7 +103,6 @@ def test_chunked_prefill_refill_and_joins_match_generate(tok, monkeypatch, metho
                                         "Name three colours.", "Add 2 and 2, then double it, then add 7 to that."]
     prompts = [tok(render_prompt(q))["input_ids"] for q in questions]
     budget_tokens = [2 + (7 * i) % 13 for i in range(len(prompts))]
-    eos = tok.eos_token_id
     sizes = []
     prefill = decoding._Decoder.prefill
 
@@ -114,17 +112,7 @@ def test_chunked_prefill_refill_and_joins_match_generate(tok, monkeypatch, metho
 
     monkeypatch.setattr(decoding._Decoder, "prefill", counting)
 
-    def stop(i, seq):
-        return "eos" if seq[-1] == eos else ("length" if len(seq) >= budget_tokens[i] else None)
-
-    with torch.inference_mode():
-        got, _ = batched_greedy(model, tok, prompts, 5, stop, tok.pad_token_id)
-        for i, p in enumerate(prompts):
-            out = model.generate(torch.tensor([p]), max_new_tokens=budget_tokens[i], do_sample=False,
-                                 pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
-            if eos in out:
-                out = out[:out.index(eos) + 1]
-            assert got[i][0] == out, f"row {i}"
+    assert_greedy_like_generate(model, tok, prompts, budget_tokens, batch_size=5)
     assert sum(sizes) == len(prompts)
     assert max(sizes) <= max(1, budget // min(len(p) for p in prompts))  # chunks of about ``budget`` padded tokens
 

@@ -425,19 +425,7 @@ def test_decoder_matches_generate_token_for_token(tok, method):
     questions = [q for q, _ in MATH] + ["Why?", "What is the sum of all the numbers from one to ten, step by step?"]
     prompts = [tok(render_prompt(q))["input_ids"] for q in questions]
     budget = [2 + (5 * i) % 9 for i in range(len(prompts))]
-    eos = tok.eos_token_id
-
-    def stop(i, seq):
-        return "eos" if seq[-1] == eos else ("length" if len(seq) >= budget[i] else None)
-
-    with torch.inference_mode():
-        got, _ = batched_greedy(model, tok, prompts, 3, stop, tok.pad_token_id)
-        for i, p in enumerate(prompts):
-            out = model.generate(torch.tensor([p]), max_new_tokens=budget[i], do_sample=False,
-                                 pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
-            if eos in out:
-                out = out[:out.index(eos) + 1]
-            assert got[i][0] == out, f"row {i}"
+    assert_greedy_like_generate(model, tok, prompts, budget, batch_size=3)
 
 
 def test_embedded_tokenizer_round_trips_a_scripted_answer(smol_tok):
@@ -464,3 +452,21 @@ def test_every_shared_benchmark_loads_and_evaluates(tok, path):
     res = evaluate(model, tok, bench, EvalSettings(limit=2, batch_size=2, max_new_tokens=4))
     assert res.total == 2 and len(res.samples) == 2
     assert {"index", "question", "gold", "response", "extracted", "correct"} <= set(res.samples[0])
+
+
+def assert_greedy_like_generate(model, tok, prompts: list[list[int]], budget: list[int], batch_size: int) -> None:
+    """``batched_greedy`` (each row stopped at EOS or its own token budget) gives, row by row, the tokens of
+    greedy ``model.generate`` on that prompt alone."""
+    eos = tok.eos_token_id
+
+    def stop(i, seq):
+        return "eos" if seq[-1] == eos else ("length" if len(seq) >= budget[i] else None)
+
+    with torch.inference_mode():
+        got, _ = batched_greedy(model, tok, prompts, batch_size, stop, tok.pad_token_id)
+        for i, p in enumerate(prompts):
+            out = model.generate(torch.tensor([p]), max_new_tokens=budget[i], do_sample=False,
+                                 pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+            if eos in out:
+                out = out[:out.index(eos) + 1]
+            assert got[i][0] == out, f"row {i}"
