@@ -31,6 +31,7 @@ Public API: ``encode_pair``, ``loglikelihood``, ``iter_loglikelihood``, ``Choice
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -39,6 +40,7 @@ import torch
 from .decoding import _accepts, model_device
 from .inject import VIRTUAL_SLOT, prompt_lengths
 
+PAD_WASTE, PAD_SLACK = 1.25, 64  # continuation passes: see ``_length_chunks``
 MIN_SHARED_PREFIX = 8  # tokens every context of a batch starts with, worth a pass of their own
 
 
@@ -119,6 +121,27 @@ def _batches(requests: list[_Request], batch_size: int) -> Iterator[list[list[_R
         yield batch
 
 
+def _length_chunks(lengths: list[int]) -> list[tuple[int, int]]:
+    """Cut ``lengths`` (sorted ascending) into runs ``[start, end)`` that are padded to their longest
+    without much waste: a run grows while its padded tokens stay within ``PAD_WASTE`` times its real
+    ones (or ``PAD_SLACK`` tokens over them: tiny runs cost a pass's fixed overhead).
+
+    Measured on PIQA (64 questions, batch 32, embedded model): the options run from 2 to 111 tokens, so
+    one right-padded pass per batch fed 5x the real tokens; runs of similar length feed ~1.2x.
+    """
+    chunks: list[tuple[int, int]] = []
+    start, real = 0, 0
+    for i, n in enumerate(lengths):
+        padded, grown = n * (i - start + 1), real + n
+        if i > start and padded > max(PAD_WASTE * grown, grown + PAD_SLACK):
+            chunks.append((start, i))
+            start, grown = i, n
+        real = grown
+    if lengths:
+        chunks.append((start, len(lengths)))
+    return chunks
+
+
 class _Scorer:
     """The forward passes: shared contexts through a key/value cache, or one full pass per request."""
 
@@ -189,16 +212,20 @@ class _Scorer:
         group_of = torch.tensor([gi for gi, _ in rows], device=dev)
         first = torch.tensor([r.continuation[0] for _, r in rows], device=dev)
         logp, greedy = self._token_scores(out.logits[:, -1, :][group_of], first)
-        longer = [k for k, (_, r) in enumerate(rows) if len(r.continuation) > 1]
-        if longer:
-            cache = out.past_key_values
-            sel = group_of[longer]
+        longer = sorted((k for k, (_, r) in enumerate(rows) if len(r.continuation) > 1),
+                        key=lambda k: len(rows[k][1].continuation))
+        chunks = _length_chunks([len(rows[k][1].continuation) - 1 for k in longer])
+        for n, (start, end) in enumerate(chunks):
+            part = longer[start:end]
+            # the last chunk takes the contexts' cache itself, the others a copy
+            cache = out.past_key_values if n == len(chunks) - 1 else copy.deepcopy(out.past_key_values)
+            sel = group_of[part]
             cache.batch_select_indices(sel)  # one cache row per continuation
-            span = max(len(rows[k][1].continuation) - 1 for k in longer)
-            feed = torch.full((len(longer), span), self.pad_id, dtype=torch.long)
-            target = torch.zeros((len(longer), span), dtype=torch.long)
-            valid = torch.zeros((len(longer), span), dtype=torch.bool)
-            for j, k in enumerate(longer):
+            span = len(rows[part[-1]][1].continuation) - 1
+            feed = torch.full((len(part), span), self.pad_id, dtype=torch.long)
+            target = torch.zeros((len(part), span), dtype=torch.long)
+            valid = torch.zeros((len(part), span), dtype=torch.bool)
+            for j, k in enumerate(part):
                 cont = rows[k][1].continuation
                 feed[j, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
                 target[j, :len(cont) - 1] = torch.tensor(cont[1:], dtype=torch.long)
@@ -206,9 +233,8 @@ class _Scorer:
             feed, target, valid = feed.to(dev), target.to(dev), valid.to(dev)
             full_mask = torch.cat([mask[sel], valid.long()], dim=1)
             positions = lengths[sel].unsqueeze(1) + torch.arange(span, device=dev)
-            out = self._forward(feed, full_mask, positions, cache)
-            tok_logp, tok_greedy = self._token_scores(out.logits, target)
-            at = torch.tensor(longer, device=dev)
+            tok_logp, tok_greedy = self._token_scores(self._forward(feed, full_mask, positions, cache).logits, target)
+            at = torch.tensor(part, device=dev)
             logp = logp.index_add(0, at, (tok_logp * valid).sum(-1))
             greedy = greedy.index_put((at,), greedy[at] & (tok_greedy | ~valid).all(-1))
         return [(r.index, float(lp), bool(g)) for (_, r), lp, g in zip(rows, logp.tolist(), greedy.tolist())]

@@ -22,7 +22,7 @@ from core.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark
 from core.choices import benchmark_choices, parse_choices
 from core.evaluate import evaluate
 from core.inject import prompt_lengths
-from core.loglik import ChoiceScores, encode_pair, loglikelihood, score_choices
+from core.loglik import PAD_SLACK, PAD_WASTE, ChoiceScores, _length_chunks, encode_pair, loglikelihood, score_choices
 from core.templates import render_prompt
 from tests.tiny import CONFIGS, tiny_tokenizer
 
@@ -108,6 +108,32 @@ def test_scores_equal_a_direct_forward_fp32(tok, arch):
         for batch_size in (1, 3, 64):
             assert_close(loglikelihood(model, tok, requests, batch_size), want, atol=1e-4)
         assert_close(loglikelihood(model, tok, requests, 4, shared=False), want, atol=1e-4)
+
+
+def test_length_chunks_bound_the_padding():
+    assert _length_chunks([]) == []
+    assert _length_chunks([1, 2, 3]) == [(0, 3)]  # within the slack: one pass
+    lengths = [1, 2, 2, 3, 40, 41, 44, 110]
+    chunks = _length_chunks(lengths)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    for start, end in chunks:
+        real = sum(lengths[start:end])
+        assert end - start == 1 or lengths[end - 1] * (end - start) <= max(PAD_WASTE * real, real + PAD_SLACK)
+    assert len(chunks) == 3  # the short ones, the ~40s, the 110
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom", "gpt2"])
+def test_continuations_of_very_different_lengths_run_in_several_passes(tok, arch):
+    model = tiny_lm(arch, tok)
+    long = " " + " ".join(["apples and pears"] * 30)
+    requests = REQUESTS + [("how many apples does Tom have?", long), ("Tom", long + " and plums")]
+    passes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: passes.append(kw["input_ids"].shape), with_kwargs=True)
+    got = loglikelihood(model, tok, requests, 64)
+    hook.remove()
+    assert len(passes) >= 3  # the contexts, then short and long continuations apart
+    assert_close(got, direct(model, tok, requests), atol=2e-3)  # sums of ~100 fp32 log-probs near -1400
 
 
 def test_a_prefix_common_to_the_batch_runs_once(tok):
