@@ -127,3 +127,68 @@ def test_a_chatml_end_of_turn_in_plain_text_ends_the_row():
     rule = StopRule(tok, None, set(), 256)
     assert rule(ids) == "marker"
     assert rule.text(ids, "marker") == "The answer is 4"
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    lookup = decoding._Lookup()
+    assert lookup.draft(0, [5], 4) == []  # nothing seen before
+    assert lookup.draft(0, [1, 2, 3, 4, 1, 2], 4) == [3, 4, 1, 2]  # (1, 2) ended at position 1
+    assert lookup.draft(0, [1, 2, 3, 4, 1, 2], 2) == [3, 4]
+    assert lookup.draft(0, [1, 2, 3, 4, 1, 2, 9, 1, 2], 4) == [9, 1, 2]  # the latest (1, 2), incrementally indexed
+    assert lookup.draft(1, [7, 8, 9, 1, 8, 9, 2, 7, 8, 9], 3) == [1, 8, 9]  # (7, 8, 9) beats the later (8, 9)
+
+
+@pytest.mark.parametrize("method", [None, "prefix"])
+def test_prompt_lookup_gives_greedys_tokens_in_fewer_passes(monkeypatch, method):
+    """Long answers of a rambling random model (it repeats itself: drafts are accepted), rows stopping
+    within an accepted draft, rows of one batch accepting different lengths: greedy's tokens, exactly."""
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # a small vocabulary: the random model repeats itself
+    model = tiny_llama(tok, seed=7)
+    if method is not None:
+        model = copy.deepcopy(model)
+        core.attach(model, AdapterConfig.for_method(method, num_virtual_tokens=3, reparam_hidden=8), tokenizer=tok)
+        model.eval()
+    prompts = [tok(render_prompt(q))["input_ids"] for q, _ in MATH] + [tok(render_prompt("Why?"))["input_ids"]]
+    budget = [40 + 7 * i for i in range(len(prompts))]
+    eos = tok.eos_token_id
+
+    def stop(i, seq):
+        return "eos" if seq[-1] == eos else ("length" if len(seq) >= budget[i] else None)
+
+    passes = {True: [], False: []}
+    step = decoding._Decoder.step
+    for lookup in (True, False):
+        def counting(self, g, drafts=None, lookup=lookup):
+            passes[lookup].append(sum(map(len, drafts)) if drafts else 0)
+            return step(self, g, drafts)
+
+        monkeypatch.setattr(decoding._Decoder, "step", counting)
+        with torch.inference_mode():
+            got, _ = decoding.batched_greedy(model, tok, prompts, 3, stop, tok.pad_token_id, lookup=lookup)
+        passes[lookup].append(got)
+    with_lookup, without = passes[True].pop(), passes[False].pop()
+    assert with_lookup == without
+    assert any(passes[True]) and not any(passes[False])
+    assert len(passes[True]) < 0.8 * len(passes[False])  # drafts were accepted
+    assert_greedy_like_generate(model, tok, prompts, budget, batch_size=3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox", "gptj", "bloom"])
+def test_prompt_lookup_keeps_greedy_on_every_architecture(arch):
+    from tests.test_loglik import tiny_lm
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_lm(arch, tok, seed=3)
+    prompts = [tok(render_prompt(q))["input_ids"] for q, _ in MATH]
+    eos = tok.eos_token_id
+
+    def stop(i, seq):
+        return "eos" if seq[-1] == eos else ("length" if len(seq) >= 30 + 5 * i else None)
+
+    with torch.inference_mode():
+        runs = [decoding.batched_greedy(model, tok, prompts, 2, stop, tok.pad_token_id, lookup=lookup)[0]
+                for lookup in (True, False)]
+    assert runs[0] == runs[1]
