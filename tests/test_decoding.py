@@ -1,16 +1,14 @@
-"""The slot key/value cache and the chunked prefill of ``core.decoding``: same tokens as greedy ``generate``."""
+"""The slot key/value cache, the chunked prefill and prompt lookup of ``core.decoding``: same tokens as greedy
+``generate``."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
-import core
-from core import AdapterConfig, decode_cache, decoding
+from core import decode_cache, decoding
 from core.templates import render_prompt
-from tests.test_evaluate import MATH, assert_greedy_like_generate, tiny_llama, tok  # noqa: F401  (tok: the module's tokenizer fixture)
+from tests.test_evaluate import MATH, assert_greedy_like_generate, tiny_llama, tok, with_random_adapter  # noqa: F401  (tok: the module's tokenizer fixture)
 
 
 def filled(rows: int, heads: int, columns: int, seed: int) -> tuple[list[decode_cache.SlotLayer], list[torch.Tensor]]:
@@ -89,16 +87,7 @@ def test_join_right_aligns_new_rows_after_virtual_columns(extra, wider):
 def test_chunked_prefill_refill_and_joins_match_generate(tok, monkeypatch, method, budget):
     """Prompts prefilled a few at a time, joined, trimmed and refilled: each row equals greedy ``generate``."""
     monkeypatch.setattr(decoding, "_PREFILL_TOKENS", {"cpu": budget, None: budget})
-    model = tiny_llama(tok, seed=4)
-    if method is not None:
-        settings = {"prefix": dict(num_virtual_tokens=3, reparam_hidden=8), "prompt": dict(num_virtual_tokens=3,
-                    init="random"), "lora": dict(r=2)}[method]
-        model = copy.deepcopy(model)
-        core.attach(model, AdapterConfig.for_method(method, **settings), tokenizer=tok)
-        with torch.no_grad():
-            for p in core.adapter_params(model):
-                p.normal_(0, 0.5)
-        model.eval()
+    model = with_random_adapter(tiny_llama(tok, seed=4), tok, method)
     questions = [q for q, _ in MATH] + ["Why?", "What is the sum of all the numbers from one to ten, step by step?",
                                         "Name three colours.", "Add 2 and 2, then double it, then add 7 to that."]
     prompts = [tok(render_prompt(q))["input_ids"] for q in questions]
@@ -145,11 +134,7 @@ def test_prompt_lookup_gives_greedys_tokens_in_fewer_passes(monkeypatch, method)
     from tests.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()  # a small vocabulary: the random model repeats itself
-    model = tiny_llama(tok, seed=7)
-    if method is not None:
-        model = copy.deepcopy(model)
-        core.attach(model, AdapterConfig.for_method(method, num_virtual_tokens=3, reparam_hidden=8), tokenizer=tok)
-        model.eval()
+    model = with_random_adapter(tiny_llama(tok, seed=7), tok, method)
     prompts = [tok(render_prompt(q))["input_ids"] for q, _ in MATH] + [tok(render_prompt("Why?"))["input_ids"]]
     budget = [40 + 7 * i for i in range(len(prompts))]
     eos = tok.eos_token_id

@@ -409,19 +409,24 @@ def test_reference_generate_is_beam_search_on_one_prompt(tok):
     assert response == f"The answer is {ex['answer']}." and is_correct(bench, response, ex["answer"])
 
 
+def with_random_adapter(model, tok, method: str | None):
+    """A copy of ``model`` with a small ``method`` adapter of random (not identity) weights; None: ``model``."""
+    if method is None:
+        return model
+    settings = {"prefix": dict(num_virtual_tokens=3, reparam_hidden=8), "prompt": dict(num_virtual_tokens=3,
+                init="random"), "lora": dict(r=2)}[method]
+    model = copy.deepcopy(model)
+    core.attach(model, AdapterConfig.for_method(method, **settings), tokenizer=tok)
+    with torch.no_grad():
+        for p in core.adapter_params(model):
+            p.normal_(0, 0.5)
+    return model.eval()
+
+
 @pytest.mark.parametrize("method", [None, "prefix", "prompt", "lora"])
 def test_decoder_matches_generate_token_for_token(tok, method):
     """Shrinking, trimming and refilling the batch change nothing: each row equals greedy ``generate`` alone."""
-    model = tiny_llama(tok, seed=1)
-    if method is not None:
-        settings = {"prefix": dict(num_virtual_tokens=3, reparam_hidden=8), "prompt": dict(num_virtual_tokens=3,
-                    init="random"), "lora": dict(r=2)}[method]
-        model = copy.deepcopy(model)
-        core.attach(model, AdapterConfig.for_method(method, **settings), tokenizer=tok)
-        with torch.no_grad():
-            for p in core.adapter_params(model):
-                p.normal_(0, 0.5)
-        model.eval()
+    model = with_random_adapter(tiny_llama(tok, seed=1), tok, method)
     questions = [q for q, _ in MATH] + ["Why?", "What is the sum of all the numbers from one to ten, step by step?"]
     prompts = [tok(render_prompt(q))["input_ids"] for q in questions]
     budget = [2 + (5 * i) % 9 for i in range(len(prompts))]
